@@ -1,0 +1,177 @@
+"""Model registry: ``build_model(name, preset, seed)`` and ``example_inputs(name, preset, seed)``.
+
+Models: ``ddim`` (LSUN Church 256 UNet), ``pd`` (Progressive Distillation PD-256 UNet),
+``gaugan`` (SPADE generator, Cityscapes 256x512). Presets: ``full`` (the SIGE paper's sizes) and
+``tiny`` (same input resolution, topology and layer kinds, few channels).
+
+Initialisation is seeded and deterministic (a private ``torch.Generator``; the global RNG is not
+touched) and variance-preserving, so activations stay in a sane range through the whole network:
+
+- Conv2d / Linear weights ~ N(0, gain^2 / fan_in) (gain sqrt(2) after ReLU/leaky-ReLU, else 1),
+  biases ~ N(0, 0.02^2); the last convs are *not* zero-initialised;
+- convs that read the one-hot label map (GauGAN ``fc`` and every ``mlp_shared.0``) use
+  ``fan_in = k*k`` (only ~one channel is hot per pixel);
+- GroupNorm affine: weight ~ 1 + N(0, 0.1^2), bias ~ N(0, 0.1^2);
+- BatchNorm running statistics (GauGAN) are calibrated: one forward in training mode on the
+  seeded example input with a cumulative average, so every BN layer normalises that input to
+  roughly zero mean / unit variance; then the model is put in eval mode.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+from ssic.errors import SSICError
+
+__all__ = [
+    "MODEL_NAMES",
+    "PRESETS",
+    "build_model",
+    "example_inputs",
+    "input_names",
+    "output_names",
+    "model_config",
+    "initialize",
+]
+
+MODEL_NAMES: tuple[str, ...] = ("ddim", "pd", "gaugan")
+PRESETS: tuple[str, ...] = ("full", "tiny")
+
+
+def _check(name: str, preset: str) -> None:
+    if name not in MODEL_NAMES:
+        raise SSICError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    if preset not in PRESETS:
+        raise SSICError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+
+
+def model_config(name: str, preset: str):
+    """The config dataclass of a model/preset (``UNetConfig`` or ``GauGANConfig``)."""
+    _check(name, preset)
+    if name == "ddim":
+        from ssic.models.ddim import DDIM_CONFIGS
+
+        return DDIM_CONFIGS[preset]
+    if name == "pd":
+        from ssic.models.pd import PD_CONFIGS
+
+        return PD_CONFIGS[preset]
+    from ssic.models.gaugan import GAUGAN_CONFIGS
+
+    return GAUGAN_CONFIGS[preset]
+
+
+def input_names(name: str) -> list[str]:
+    if name not in MODEL_NAMES:
+        raise SSICError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    return ["seg"] if name == "gaugan" else ["x", "t"]
+
+
+def output_names(name: str) -> list[str]:
+    if name not in MODEL_NAMES:
+        raise SSICError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
+    return {"ddim": ["eps"], "pd": ["out"], "gaugan": ["image"]}[name]
+
+
+def build_architecture(name: str, preset: str) -> nn.Module:
+    """The model with PyTorch's default (unseeded) initialisation; used by loaders."""
+    cfg = model_config(name, preset)
+    if name in ("ddim", "pd"):
+        from ssic.models.ddim import UNet
+
+        return UNet(cfg)
+    from ssic.models.gaugan import SPADEGenerator
+
+    return SPADEGenerator(cfg)
+
+
+def _normal_(t: torch.Tensor, std: float, gen: torch.Generator, mean: float = 0.0) -> None:
+    with torch.no_grad():
+        t.copy_(torch.randn(t.shape, generator=gen, dtype=t.dtype) * std + mean)
+
+
+def initialize(model: nn.Module, name: str, seed: int = 0) -> nn.Module:
+    """Seeded variance-preserving initialisation in place (see the module docstring)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    relu_fed = set()
+    seg_fed = set()
+    if name == "gaugan":
+        for mname, m in model.named_modules():
+            if mname == "fc" or mname.endswith("mlp_shared.0"):
+                seg_fed.add(m)
+            elif mname.endswith(("mlp_gamma", "mlp_beta")):
+                relu_fed.add(m)
+            elif mname.endswith(("conv_0", "conv_1")) or mname == "conv_img":
+                relu_fed.add(m)
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if isinstance(m, nn.Conv2d):
+                k = m.kernel_size[0] * m.kernel_size[1]
+                fan_in = k if m in seg_fed else k * m.in_channels // m.groups
+            else:
+                fan_in = m.in_features
+            gain = math.sqrt(2.0) if m in relu_fed else 1.0
+            _normal_(m.weight, gain / math.sqrt(fan_in), gen)
+            if m.bias is not None:
+                _normal_(m.bias, 0.02, gen)
+        elif isinstance(m, nn.GroupNorm) and m.affine:
+            _normal_(m.weight, 0.1, gen, mean=1.0)
+            _normal_(m.bias, 0.1, gen)
+        elif isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+    if name == "gaugan":
+        _calibrate_batchnorm(model, seed)
+    return model.eval()
+
+
+def _calibrate_batchnorm(model: nn.Module, seed: int) -> None:
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average: after one batch, the batch statistics
+    cfg = model.cfg
+    seg = torch.from_numpy(_gaugan_example(cfg, seed))
+    model.train()
+    with torch.no_grad():
+        model(seg)
+    model.eval()
+    for m, mom in zip(bns, saved, strict=True):
+        m.momentum = mom
+
+
+def build_model(name: str, preset: str = "tiny", seed: int = 0) -> nn.Module:
+    """Build ``name`` (``ddim``/``pd``/``gaugan``) at ``preset`` (``full``/``tiny``) with seeded
+    deterministic weights, in eval mode."""
+    model = build_architecture(name, preset)
+    return initialize(model, name, seed)
+
+
+def _gaugan_example(cfg, seed: int) -> np.ndarray:
+    from ssic.models.gaugan import make_gaugan_input, synthetic_label_map
+
+    label, inst = synthetic_label_map(cfg.height, cfg.width, seed=seed, label_nc=cfg.label_nc)
+    return make_gaugan_input(label, inst, label_nc=cfg.label_nc)
+
+
+def example_inputs(name: str, preset: str = "tiny", seed: int = 0) -> dict[str, np.ndarray]:
+    """Seeded example inputs, keyed by the ONNX input names.
+
+    ``ddim``: ``x`` N(0,1) float32 [1,3,256,256], ``t`` float32 [1] (a step in [0, 1000));
+    ``pd``: ``x`` as above, ``t`` float32 [1] in [0, 1]; ``gaugan``: ``seg`` float32
+    [1,36,256,512] built from a synthetic label/instance map.
+    """
+    cfg = model_config(name, preset)
+    rng = np.random.default_rng(seed)
+    if name == "gaugan":
+        return {"seg": _gaugan_example(cfg, seed)}
+    x = rng.standard_normal((1, cfg.in_channels, cfg.resolution, cfg.resolution)).astype(np.float32)
+    if name == "ddim":
+        t = np.array([float(rng.integers(0, 1000))], dtype=np.float32)
+    else:
+        t = np.array([float(rng.uniform(0.0, 1.0))], dtype=np.float32)
+    return {"x": x, "t": t}
