@@ -1,0 +1,83 @@
+"""Pre-processing passes run before the sparse rewrite.
+
+They make the graph regular enough to analyse: constants become initializers, every value has a
+unique name and an inferred static shape, same-size nearest resizes disappear, and repeated
+sub-expressions (SPADE resizes the same label map once per normalisation layer) are computed once.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import (
+    CommonSubexpressionEliminationPass,
+    LiftConstantsToInitializersPass,
+    NameFixPass,
+    RemoveUnusedNodesPass,
+    TopologicalSortPass,
+)
+
+from ssic.errors import SSICError
+
+
+class EliminateIdentityResizePass(ir.passes.InPlacePass):
+    """Remove Resize nodes whose output has the input's shape (``F.interpolate`` to the same size)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in list(model.graph):
+            if node.op_type != "Resize" or node.domain != "":
+                continue
+            x, y = node.inputs[0], node.outputs[0]
+            if x.shape is None or y.shape is None or list(x.shape) != list(y.shape):
+                continue
+            if not all(isinstance(d, int) for d in y.shape):
+                continue
+            if y.is_graph_output():
+                continue
+            y.replace_all_uses_with(x)
+            modified = True
+        if modified:
+            RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)
+
+
+class InferShapesPass(ir.passes.InPlacePass):
+    """ONNX shape inference with data propagation; every value gets a static shape where one exists."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        proto = ir.serde.serialize_model(model)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
+        except Exception as exc:  # onnx raises several types; the message is what matters
+            raise SSICError(f"shape inference failed: {str(exc).splitlines()[0]}") from None
+        new = ir.serde.deserialize_model(inferred)
+        shapes = {}
+        for v in new.graph.inputs:
+            shapes[v.name] = (v.shape, v.type)
+        for node in new.graph:
+            for out in node.outputs:
+                shapes[out.name] = (out.shape, out.type)
+        for node in model.graph:
+            for out in node.outputs:
+                if out.name in shapes:
+                    shape, typ = shapes[out.name]
+                    if shape is not None:
+                        out.shape = shape
+                    if typ is not None:
+                        out.type = typ
+        return ir.passes.PassResult(model, True)
+
+
+def preprocess_passes(disabled: set[str]) -> list[tuple[str, ir.passes.PassBase]]:
+    passes: list[tuple[str, ir.passes.PassBase]] = [
+        ("lift-constants", LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
+        ("name-fix", NameFixPass()),
+        ("infer-shapes", InferShapesPass()),
+        ("eliminate-identity-resize", EliminateIdentityResizePass()),
+        ("cse", CommonSubexpressionEliminationPass()),
+        ("remove-unused", RemoveUnusedNodesPass()),
+        ("toposort", TopologicalSortPass()),
+        ("infer-shapes-final", InferShapesPass()),
+    ]
+    return [(n, p) for n, p in passes if n not in disabled]
