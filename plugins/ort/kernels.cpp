@@ -1,0 +1,226 @@
+// CPU kernels of TileGather / TileScatter. See kernels.h.
+#include "kernels.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "../common/tile_geometry.h"
+
+namespace ssic {
+namespace {
+
+// exp(x) for the swish activation, branch-free so the compiler vectorises the channel loop
+// (std::exp is a libm call that blocks vectorisation). Cephes-style range reduction and a degree-6
+// polynomial; relative error ~2e-7 on the clamped range [-87, 88].
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return y * two_n;
+}
+
+template <int64_t Act>
+inline float activate(float v, float alpha) {
+  if (Act == kRelu) return v > 0.0f ? v : 0.0f;
+  if (Act == kLeakyRelu) return v >= 0.0f ? v : v * alpha;
+  if (Act == kSwish) return v / (1.0f + exp_approx(-v));
+  return v;
+}
+
+// dst[c] = act(src[c*stride] * scale[c] + shift[c]) over C channels; the contiguous, unscaled,
+// identity case is a memcpy.
+template <int64_t Act, bool Affine>
+inline void transform(const float* __restrict src, int64_t stride, const float* __restrict scale,
+                      const float* __restrict shift, float alpha, float* __restrict dst,
+                      int64_t channels) {
+  if (stride == 1) {
+    if (Act == kIdentity && !Affine) {
+      std::memcpy(dst, src, sizeof(float) * channels);
+      return;
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      float v = src[c];
+      if (Affine) v = v * scale[c] + shift[c];
+      dst[c] = activate<Act>(v, alpha);
+    }
+  } else {
+    for (int64_t c = 0; c < channels; ++c) {
+      float v = src[c * stride];
+      if (Affine) v = v * scale[c] + shift[c];
+      dst[c] = activate<Act>(v, alpha);
+    }
+  }
+}
+
+// Map from tile cell to the index of the tile covering it (-1 = not active); later entries win.
+std::string build_cell_map(const TileGrid& grid, const int64_t* idx, int64_t count, const char* what,
+                           std::vector<int32_t>& map) {
+  map.assign(static_cast<size_t>(grid_cells(grid)), -1);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t y = idx[2 * j], x = idx[2 * j + 1];
+    if (!valid_corner(grid, y, x)) {
+      return std::string(what) + ": tile corner (" + std::to_string(y) + ", " + std::to_string(x) +
+             ") is not a multiple of " + std::to_string(grid.tile) + " inside " +
+             std::to_string(grid.height) + "x" + std::to_string(grid.width);
+    }
+    map[static_cast<size_t>(corner_cell(grid, y, x))] = static_cast<int32_t>(j);
+  }
+  return {};
+}
+
+template <int64_t Act, bool Affine>
+void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<int32_t>& cells,
+                 const TileGrid& grid, const float* scale, const float* shift,
+                 const ParallelFor& pfor) {
+  const int64_t t = p.tile, k = p.kernel, ts = p.src_tile, C = a.channels;
+  const int64_t row_len = k * k * C;
+  const bool nhwc = p.src_layout == 0;
+  const int64_t plane = a.hs * a.ws;  // NCHW channel stride
+  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs};
+  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws};
+  // One work item = one row py of one output tile i: t*k*k*C floats written contiguously.
+  pfor(a.n * t, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> sy(static_cast<size_t>(k)), sx(static_cast<size_t>(t * k));
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t i = item / t, py = item % t;
+      const int64_t dy = a.dst_idx[2 * i], dx = a.dst_idx[2 * i + 1];
+      for (int64_t ky = 0; ky < k; ++ky) sy[ky] = gather_source(gy, dy, py, ky);
+      for (int64_t px = 0; px < t; ++px)
+        for (int64_t kx = 0; kx < k; ++kx) sx[px * k + kx] = gather_source(gx, dx, px, kx);
+      float* out = a.cols + item * t * row_len;
+      for (int64_t px = 0; px < t; ++px) {
+        for (int64_t ky = 0; ky < k; ++ky) {
+          const int64_t y = sy[ky];
+          float* dst = out + px * row_len + ky * k * C;
+          for (int64_t kx = 0; kx < k; ++kx, dst += C) {
+            const int64_t x = sx[px * k + kx];
+            if (y < 0 || x < 0) {
+              std::memset(dst, 0, sizeof(float) * C);
+              continue;
+            }
+            const int32_t j = cells[static_cast<size_t>(pixel_cell(grid, y, x))];
+            if (j >= 0) {
+              const float* src = a.tiles + tile_row(grid, j, y, x) * C;
+              transform<Act, Affine>(src, 1, scale, shift, p.alpha, dst, C);
+            } else if (nhwc) {
+              const float* src = a.cache + (y * a.ws + x) * C;
+              transform<Act, Affine>(src, 1, scale, shift, p.alpha, dst, C);
+            } else {
+              const float* src = a.cache + y * a.ws + x;
+              transform<Act, Affine>(src, plane, scale, shift, p.alpha, dst, C);
+            }
+          }
+        }
+      }
+    }
+  });
+  (void)ts;
+}
+
+template <int64_t Act>
+void scatter_impl(const ScatterParams& p, const ScatterArgs& a, const std::vector<int32_t>& cells,
+                  const TileGrid& grid, const ParallelFor& pfor) {
+  const int64_t t = p.tile, C = a.channels, H = a.height, W = a.width;
+  const int64_t plane = H * W;
+  pfor(a.n, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(static_cast<size_t>(t * C));
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t y0 = a.idx[2 * i], x0 = a.idx[2 * i + 1];
+      if (cells[static_cast<size_t>(corner_cell(grid, y0, x0))] != i) continue;  // a later duplicate wins
+      const int64_t h = clipped_extent(y0, t, H), w = clipped_extent(x0, t, W);
+      for (int64_t py = 0; py < h; ++py) {
+        // act(tile + residual) for the in-image pixels of this tile row, channels last ...
+        const int64_t r0 = (i * t + py) * t;
+        const float* src = a.tiles + r0 * C;
+        const int64_t len = w * C;
+        if (a.residual) {
+          const float* res = a.residual + r0 * C;
+          for (int64_t e = 0; e < len; ++e) row[e] = activate<Act>(src[e] + res[e], p.alpha);
+        } else {
+          for (int64_t e = 0; e < len; ++e) row[e] = activate<Act>(src[e], p.alpha);
+        }
+        // ... then transposed into the NCHW output.
+        float* dst = a.out + (y0 + py) * W + x0;
+        for (int64_t c = 0; c < C; ++c) {
+          float* d = dst + c * plane;
+          for (int64_t px = 0; px < w; ++px) d[px] = row[px * C + c];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace
+
+std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor) {
+  const TileGrid grid = make_grid(a.hs, a.ws, p.src_tile);
+  std::vector<int32_t> cells;
+  std::string err = build_cell_map(grid, a.src_idx, a.m, "TileGather src_idx", cells);
+  if (!err.empty()) return err;
+  if (a.n == 0) return {};
+
+  std::vector<float> ones, zeros;
+  const float* scale = a.scale;
+  const float* shift = a.shift;
+  const bool affine = scale || shift;
+  if (affine && !scale) {
+    ones.assign(static_cast<size_t>(a.channels), 1.0f);
+    scale = ones.data();
+  }
+  if (affine && !shift) {
+    zeros.assign(static_cast<size_t>(a.channels), 0.0f);
+    shift = zeros.data();
+  }
+  // Activation and affine are template parameters: the channel loop has no branches.
+#define SSIC_GATHER(ACT)                                                            \
+  if (affine)                                                                       \
+    gather_impl<ACT, true>(p, a, cells, grid, scale, shift, pfor);                  \
+  else                                                                              \
+    gather_impl<ACT, false>(p, a, cells, grid, scale, shift, pfor);
+  switch (p.activation) {
+    case kIdentity: SSIC_GATHER(kIdentity) break;
+    case kRelu: SSIC_GATHER(kRelu) break;
+    case kLeakyRelu: SSIC_GATHER(kLeakyRelu) break;
+    case kSwish: SSIC_GATHER(kSwish) break;
+    default: return "TileGather: unknown activation " + std::to_string(p.activation);
+  }
+#undef SSIC_GATHER
+  return {};
+}
+
+std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor) {
+  const TileGrid grid = make_grid(a.height, a.width, p.tile);
+  std::vector<int32_t> cells;
+  std::string err = build_cell_map(grid, a.idx, a.n, "TileScatter idx", cells);
+  if (!err.empty()) return err;
+
+  // Copy of the cache, in chunks of 16K floats so that both threads share it.
+  const int64_t total = a.channels * a.height * a.width;
+  constexpr int64_t kChunk = 1 << 14;
+  pfor((total + kChunk - 1) / kChunk, [&](int64_t begin, int64_t end) {
+    const int64_t lo = begin * kChunk, hi = std::min(total, end * kChunk);
+    if (hi > lo) std::memcpy(a.out + lo, a.cache + lo, sizeof(float) * (hi - lo));
+  });
+  if (a.n == 0) return {};
+  switch (p.activation) {
+    case kIdentity: scatter_impl<kIdentity>(p, a, cells, grid, pfor); break;
+    case kRelu: scatter_impl<kRelu>(p, a, cells, grid, pfor); break;
+    case kLeakyRelu: scatter_impl<kLeakyRelu>(p, a, cells, grid, pfor); break;
+    case kSwish: scatter_impl<kSwish>(p, a, cells, grid, pfor); break;
+    default: return "TileScatter: unknown activation " + std::to_string(p.activation);
+  }
+  return {};
+}
+
+}  // namespace ssic

@@ -1,0 +1,55 @@
+// CPU kernels of the ssic ops, independent of ONNX Runtime (semantics: docs/architecture.md,
+// reference: ssic/ops.py). The ORT binding (ssic_ort.cpp) validates inputs and supplies a
+// parallel-for; everything here is plain loops over raw pointers.
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <string>
+#include <vector>
+
+namespace ssic {
+
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSwish = 3 };
+
+// Runs body(begin, end) over [0, total) in chunks, possibly in parallel.
+using ParallelFor = std::function<void(int64_t total, const std::function<void(int64_t, int64_t)>& body)>;
+
+struct GatherParams {
+  int64_t src_tile, tile, kernel, stride, pad_top, pad_left, upsample;
+  int64_t activation;
+  float alpha;
+  int64_t src_layout;  // 0 NHWC [Hs, Ws, C], 1 NCHW [1, C, Hs, Ws]
+};
+
+struct GatherArgs {
+  const float* tiles;    // [m*ts*ts, C]
+  const float* cache;    // NHWC or NCHW
+  const int64_t* src_idx;  // [m, 2]
+  const int64_t* dst_idx;  // [n, 2]
+  const float* scale;    // [C] or nullptr
+  const float* shift;    // [C] or nullptr
+  int64_t m, n, hs, ws, channels;
+  float* cols;           // [n*t*t, k*k*C]
+};
+
+struct ScatterParams {
+  int64_t tile;
+  int64_t activation;
+  float alpha;
+};
+
+struct ScatterArgs {
+  const float* tiles;     // [n*t*t, C]
+  const float* cache;     // [1, C, H, W]
+  const int64_t* idx;     // [n, 2]
+  const float* residual;  // [n*t*t, C] or nullptr
+  int64_t n, height, width, channels;
+  float* out;             // [1, C, H, W]
+};
+
+// Both return an empty string on success, else an error message (no exceptions cross threads).
+std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor);
+std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor);
+
+}  // namespace ssic

@@ -1,0 +1,335 @@
+// ONNX Runtime binding of the ssic ops (domain "ssic", version 1) through the lite custom-op API.
+// The library does not link against libonnxruntime: the API table comes from the OrtApiBase* that
+// RegisterCustomOps receives (ORT_API_MANUAL_INIT).
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#include <onnxruntime_lite_custom_op.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <algorithm>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#ifndef SSIC_ORT_VERSION
+#define SSIC_ORT_VERSION "0.0.0"
+#endif
+
+namespace {
+
+using Ort::Custom::Tensor;
+using OptionalTensor = std::optional<const Tensor<float>*>;
+
+constexpr const char* kDomain = "ssic";
+constexpr int kOpVersion = 1;
+
+// Reads attributes with defaults; a missing required attribute is reported at Compute time
+// (exceptions must not cross ORT's C callbacks).
+struct AttrReader {
+  const OrtApi* api;
+  const OrtKernelInfo* info;
+  std::string error;
+
+  int64_t get_int(const char* name, std::optional<int64_t> dflt) {
+    int64_t v = 0;
+    if (OrtStatus* st = api->KernelInfoGetAttribute_int64(info, name, &v)) {
+      api->ReleaseStatus(st);
+      if (!dflt && error.empty()) error = std::string("missing required attribute '") + name + "'";
+      return dflt.value_or(1);
+    }
+    return v;
+  }
+  float get_float(const char* name, float dflt) {
+    float v = 0.0f;
+    if (OrtStatus* st = api->KernelInfoGetAttribute_float(info, name, &v)) {
+      api->ReleaseStatus(st);
+      return dflt;
+    }
+    return v;
+  }
+};
+
+// Runs chunks of a range on the session's intra-op thread pool.
+ssic::ParallelFor make_pfor(OrtKernelContext* ctx) {
+  return [ctx](int64_t total, const std::function<void(int64_t, int64_t)>& body) {
+    if (total <= 0) return;
+    // We cut the range ourselves (at most 64 chunks, fine enough for dynamic balance on a few
+    // cores) and hand ORT one callback per chunk.
+    const int64_t chunks = std::min<int64_t>(total, 64);
+    if (chunks == 1) {
+      body(0, total);
+      return;
+    }
+    struct Job {
+      const std::function<void(int64_t, int64_t)>* body;
+      int64_t total, chunks;
+    } job{&body, total, chunks};
+    auto fn = [](void* data, size_t c) {
+      const Job* j = static_cast<const Job*>(data);
+      const int64_t ci = static_cast<int64_t>(c);
+      (*j->body)(j->total * ci / j->chunks, j->total * (ci + 1) / j->chunks);
+    };
+    Ort::ThrowOnError(Ort::GetApi().KernelContext_ParallelFor(ctx, fn, static_cast<size_t>(chunks), 0, &job));
+  };
+}
+
+Ort::Status invalid(const std::string& msg) { return Ort::Status(msg.c_str(), ORT_INVALID_ARGUMENT); }
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+bool is_pairs(const std::vector<int64_t>& s) { return s.size() == 2 && s[1] == 2; }
+
+// An input as the kernels see it, whichever way it was read (lite API or raw context).
+template <typename T>
+struct View {
+  const T* data = nullptr;
+  std::vector<int64_t> shape;
+  bool present = false;
+};
+
+template <typename T>
+View<T> view(const Tensor<T>& t) {
+  return {t.Data(), t.Shape(), true};
+}
+
+View<float> view(const OptionalTensor& t) {
+  if (!t.has_value() || *t == nullptr) return {};
+  return view(**t);
+}
+
+// Reads input i straight from the context; absent (not given, or given as "") -> !present.
+template <typename T>
+View<T> raw_input(OrtKernelContext* ctx, size_t i) {
+  Ort::KernelContext k(ctx);
+  if (i >= k.GetInputCount()) return {};
+  Ort::ConstValue v = k.GetInput(i);
+  if (static_cast<const OrtValue*>(v) == nullptr) return {};
+  return {v.GetTensorData<T>(), v.GetTensorTypeAndShapeInfo().GetShape(), true};
+}
+
+using Allocator = std::function<float*(const std::vector<int64_t>&)>;
+
+Allocator raw_output(OrtKernelContext* ctx) {
+  return [ctx](const std::vector<int64_t>& shape) {
+    return Ort::KernelContext(ctx).GetOutput(0, shape).GetTensorMutableData<float>();
+  };
+}
+
+const float* optional_vector(const View<float>& t, int64_t channels, const char* what, std::string& err) {
+  if (!t.present) return nullptr;
+  if (t.shape.size() != 1 || t.shape[0] != channels) {
+    err = std::string("TileGather: ") + what + " must have shape [" + std::to_string(channels) + "], got " +
+          shape_str(t.shape);
+    return nullptr;
+  }
+  return t.data;
+}
+
+// The lite API builds every input up to the last one given, and crashes on an optional input that
+// is omitted ("") before a given one (TileGather with shift but no scale). Kernels therefore have
+// two entry points: Compute (the lite API's typed path) and ComputeRaw (reads the context itself);
+// install_guard routes nodes with an omitted middle input to ComputeRaw.
+template <typename K>
+struct ComputeGuard {
+  static inline OrtStatusPtr(ORT_API_CALL* lite_compute)(void*, OrtKernelContext*) = nullptr;
+
+  static OrtStatusPtr ORT_API_CALL compute(void* op_kernel, OrtKernelContext* ctx) {
+    Ort::KernelContext k(ctx);
+    const size_t count = k.GetInputCount();
+    for (size_t i = 0; i < count; ++i) {
+      if (static_cast<const OrtValue*>(k.GetInput(i)) == nullptr) {
+        auto* kernel = reinterpret_cast<typename Ort::Custom::OrtLiteCustomStruct<K>::Kernel*>(op_kernel);
+        return kernel->custom_op_->ComputeRaw(ctx).release();
+      }
+    }
+    return lite_compute(op_kernel, ctx);
+  }
+};
+
+template <typename K>
+OrtCustomOp* create_op(const char* name) {
+  auto* op = Ort::Custom::CreateLiteCustomOp<K>(name, "CPUExecutionProvider", kOpVersion, kOpVersion);
+  ComputeGuard<K>::lite_compute = op->KernelComputeV2;
+  op->KernelComputeV2 = &ComputeGuard<K>::compute;
+  return op;
+}
+
+struct TileGatherKernel {
+  ssic::GatherParams p{};
+  std::string attr_error;
+
+  TileGatherKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    AttrReader r{api, info, {}};
+    p.src_tile = r.get_int("src_tile", std::nullopt);
+    p.tile = r.get_int("tile", std::nullopt);
+    p.kernel = r.get_int("kernel", std::nullopt);
+    p.stride = r.get_int("stride", 1);
+    p.pad_top = r.get_int("pad_top", 0);
+    p.pad_left = r.get_int("pad_left", 0);
+    p.upsample = r.get_int("upsample", 1);
+    p.activation = r.get_int("activation", 0);
+    p.alpha = r.get_float("alpha", 0.01f);
+    p.src_layout = r.get_int("src_layout", 0);
+    attr_error = r.error;
+    if (attr_error.empty() && (p.src_tile < 1 || p.tile < 1 || p.kernel < 1 || p.stride < 1 || p.upsample < 1))
+      attr_error = "src_tile, tile, kernel, stride and upsample must be >= 1";
+    if (attr_error.empty() && (p.activation < 0 || p.activation > 3)) attr_error = "activation must be 0..3";
+    if (attr_error.empty() && (p.src_layout != 0 && p.src_layout != 1)) attr_error = "src_layout must be 0 or 1";
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<float>& cache,
+                      const Tensor<int64_t>& src_idx, const Tensor<int64_t>& dst_idx, OptionalTensor scale,
+                      OptionalTensor shift, Tensor<float>& cols) {
+    return Run(ctx, view(tiles), view(cache), view(src_idx), view(dst_idx), view(scale), view(shift),
+               [&cols](const std::vector<int64_t>& shape) { return cols.Allocate(shape); });
+  }
+
+  Ort::Status ComputeRaw(OrtKernelContext* ctx) {
+    return Run(ctx, raw_input<float>(ctx, 0), raw_input<float>(ctx, 1), raw_input<int64_t>(ctx, 2),
+               raw_input<int64_t>(ctx, 3), raw_input<float>(ctx, 4), raw_input<float>(ctx, 5), raw_output(ctx));
+  }
+
+  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<float>& cache,
+                  const View<int64_t>& src_idx, const View<int64_t>& dst_idx, const View<float>& scale,
+                  const View<float>& shift, const Allocator& allocate) {
+    try {
+      if (!attr_error.empty()) return invalid("TileGather: " + attr_error);
+      if (!tiles.present || !cache.present || !src_idx.present || !dst_idx.present)
+        return invalid("TileGather: tiles, cache, src_idx and dst_idx are required");
+      const auto& cs = cache.shape;
+      ssic::GatherArgs a{};
+      if (p.src_layout == 0) {
+        if (cs.size() != 3) return invalid("TileGather: NHWC cache must be [Hs, Ws, C], got " + shape_str(cs));
+        a.hs = cs[0], a.ws = cs[1], a.channels = cs[2];
+      } else {
+        if (cs.size() != 4 || cs[0] != 1)
+          return invalid("TileGather: NCHW cache must be [1, C, Hs, Ws], got " + shape_str(cs));
+        a.channels = cs[1], a.hs = cs[2], a.ws = cs[3];
+      }
+      if (!is_pairs(src_idx.shape)) return invalid("TileGather: src_idx must be [m, 2], got " + shape_str(src_idx.shape));
+      if (!is_pairs(dst_idx.shape)) return invalid("TileGather: dst_idx must be [n, 2], got " + shape_str(dst_idx.shape));
+      a.m = src_idx.shape[0];
+      a.n = dst_idx.shape[0];
+      const std::vector<int64_t> want{a.m * p.src_tile * p.src_tile, a.channels};
+      if (tiles.shape != want)
+        return invalid("TileGather: tiles must be [m*src_tile^2, C] = " + shape_str(want) + ", got " +
+                       shape_str(tiles.shape));
+      std::string err;
+      a.scale = optional_vector(scale, a.channels, "scale", err);
+      if (err.empty()) a.shift = optional_vector(shift, a.channels, "shift", err);
+      if (!err.empty()) return invalid(err);
+      a.tiles = tiles.data;
+      a.cache = cache.data;
+      a.src_idx = src_idx.data;
+      a.dst_idx = dst_idx.data;
+      a.cols = allocate({a.n * p.tile * p.tile, p.kernel * p.kernel * a.channels});
+      err = ssic::tile_gather(p, a, make_pfor(ctx));
+      if (!err.empty()) return invalid(err);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+};
+
+struct TileScatterKernel {
+  ssic::ScatterParams p{};
+  std::string attr_error;
+
+  TileScatterKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    AttrReader r{api, info, {}};
+    p.tile = r.get_int("tile", std::nullopt);
+    p.activation = r.get_int("activation", 0);
+    p.alpha = r.get_float("alpha", 0.01f);
+    attr_error = r.error;
+    if (attr_error.empty() && p.tile < 1) attr_error = "tile must be >= 1";
+    if (attr_error.empty() && (p.activation < 0 || p.activation > 3)) attr_error = "activation must be 0..3";
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<float>& cache,
+                      const Tensor<int64_t>& idx, OptionalTensor residual, Tensor<float>& out) {
+    return Run(ctx, view(tiles), view(cache), view(idx), view(residual),
+               [&out](const std::vector<int64_t>& shape) { return out.Allocate(shape); });
+  }
+
+  Ort::Status ComputeRaw(OrtKernelContext* ctx) {
+    return Run(ctx, raw_input<float>(ctx, 0), raw_input<float>(ctx, 1), raw_input<int64_t>(ctx, 2),
+               raw_input<float>(ctx, 3), raw_output(ctx));
+  }
+
+  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<float>& cache,
+                  const View<int64_t>& idx, const View<float>& residual, const Allocator& allocate) {
+    try {
+      if (!attr_error.empty()) return invalid("TileScatter: " + attr_error);
+      if (!tiles.present || !cache.present || !idx.present)
+        return invalid("TileScatter: tiles, cache and idx are required");
+      const auto& cs = cache.shape;
+      if (cs.size() != 4 || cs[0] != 1) return invalid("TileScatter: cache must be [1, C, H, W], got " + shape_str(cs));
+      ssic::ScatterArgs a{};
+      a.channels = cs[1], a.height = cs[2], a.width = cs[3];
+      if (!is_pairs(idx.shape)) return invalid("TileScatter: idx must be [n, 2], got " + shape_str(idx.shape));
+      a.n = idx.shape[0];
+      const std::vector<int64_t> want{a.n * p.tile * p.tile, a.channels};
+      if (tiles.shape != want)
+        return invalid("TileScatter: tiles must be " + shape_str(want) + ", got " + shape_str(tiles.shape));
+      if (residual.present) {
+        if (residual.shape != want)
+          return invalid("TileScatter: residual must be " + shape_str(want) + ", got " + shape_str(residual.shape));
+        a.residual = residual.data;
+      }
+      a.tiles = tiles.data;
+      a.cache = cache.data;
+      a.idx = idx.data;
+      a.out = allocate(cs);
+      const std::string err = ssic::tile_scatter(p, a, make_pfor(ctx));
+      if (!err.empty()) return invalid(err);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// The library version (recorded in compiled artefacts' manifests).
+__attribute__((visibility("default"))) const char* SSIC_OrtLibraryVersion() { return SSIC_ORT_VERSION; }
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                const OrtApiBase* api_base) {
+  const OrtApi* api = api_base->GetApi(ORT_API_VERSION);
+  if (api == nullptr) {
+    // An older runtime: report through the oldest API table, which every runtime provides.
+    const OrtApi* old = api_base->GetApi(1);
+    return old ? old->CreateStatus(ORT_FAIL, "libssic_ort needs a newer ONNX Runtime (C API version 29)")
+               : nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    // Created once and intentionally never freed: sessions keep pointers to the domain and the ops
+    // and may outlive any static destructor of this library.
+    static Ort::CustomOpDomain* domain = nullptr;
+    static std::once_flag once;
+    std::call_once(once, [] {
+      domain = new Ort::CustomOpDomain(kDomain);
+      domain->Add(create_op<TileGatherKernel>("TileGather"));
+      domain->Add(create_op<TileScatterKernel>("TileScatter"));
+    });
+    Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(*domain));
+  } catch (const std::exception& e) {
+    return api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
+
+}  // extern "C"

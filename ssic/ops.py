@@ -1,0 +1,404 @@
+"""The ssic custom-op table: the single source of truth for domain ``ssic``, version 1.
+
+Everything another part of ssic needs to know about the custom ops lives here: op names and
+versions, attribute names/types/defaults, the ONNX schemas (registered with ``onnx.defs`` so that
+``onnx.checker`` and ``onnx.shape_inference`` accept graphs containing them) and NumPy reference
+implementations that define the semantics the C++ kernels (``plugins/ort``) and the TensorRT
+plugins (``plugins/trt``) must reproduce. The exact semantics are in ``docs/architecture.md``.
+
+Tile-index conventions shared by reference and kernels (docs leave them open):
+
+- ``src_idx`` (TileGather) and ``idx`` (TileScatter) must hold multiples of the tile size that lie
+  inside the image; anything else is an error (``ValueError`` here, a runtime error in the kernels).
+- If the same tile appears twice, the later entry wins.
+- ``dst_idx`` may hold any top-left corner; pixels outside the source image read as zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import defs, helper
+
+DOMAIN = "ssic"
+VERSION = 1
+
+# Activation codes (attribute ``activation``).
+ACT_IDENTITY = 0
+ACT_RELU = 1
+ACT_LEAKY_RELU = 2
+ACT_SWISH = 3
+ACTIVATIONS = {
+    "identity": ACT_IDENTITY,
+    "relu": ACT_RELU,
+    "leaky_relu": ACT_LEAKY_RELU,
+    "swish": ACT_SWISH,
+}
+
+# Source layouts (attribute ``src_layout`` of TileGather).
+LAYOUT_NHWC = 0
+LAYOUT_NCHW = 1
+
+DEFAULT_ALPHA = 0.01  # same default as ONNX LeakyRelu
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    """One attribute: name, python type (int or float), default (None = required), allowed range."""
+
+    name: str
+    type: type
+    default: int | float | None
+    doc: str
+    min: int | None = None
+    choices: tuple[int, ...] | None = None
+
+    def check(self, op: str, value: object) -> int | float:
+        """Return the value converted to the attribute type; raise ValueError if invalid."""
+        if self.type is int:
+            if isinstance(value, (bool, float)) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{op}: attribute {self.name!r} must be an int, got {value!r}")
+            value = int(value)
+            if self.min is not None and value < self.min:
+                raise ValueError(f"{op}: attribute {self.name!r} must be >= {self.min}, got {value}")
+            if self.choices is not None and value not in self.choices:
+                raise ValueError(f"{op}: attribute {self.name!r} must be one of {self.choices}, got {value}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
+            raise ValueError(f"{op}: attribute {self.name!r} must be a float, got {value!r}")
+        return float(value)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    type_str: str  # type constraint name
+    optional: bool = False
+    doc: str = ""
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """Everything about one custom op except its shape-inference function."""
+
+    name: str
+    inputs: tuple[InputSpec, ...]
+    outputs: tuple[InputSpec, ...]
+    attributes: tuple[AttrSpec, ...]
+    doc: str
+    version: int = VERSION
+    attr_map: dict[str, AttrSpec] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "attr_map", {a.name: a for a in self.attributes})
+
+    @property
+    def min_inputs(self) -> int:
+        return sum(not i.optional for i in self.inputs)
+
+    @property
+    def max_inputs(self) -> int:
+        return len(self.inputs)
+
+    def resolve_attrs(self, attrs: dict[str, object]) -> dict[str, int | float]:
+        """Validate ``attrs`` and return them with every default filled in."""
+        unknown = sorted(set(attrs) - set(self.attr_map))
+        if unknown:
+            raise ValueError(f"{self.name}: unknown attribute(s) {unknown}; known: {sorted(self.attr_map)}")
+        out: dict[str, int | float] = {}
+        for spec in self.attributes:
+            if spec.name in attrs:
+                out[spec.name] = spec.check(self.name, attrs[spec.name])
+            elif spec.default is None:
+                raise ValueError(f"{self.name}: missing required attribute {spec.name!r}")
+            else:
+                out[spec.name] = spec.default
+        return out
+
+
+_ACT_ATTRS = (
+    AttrSpec("activation", int, ACT_IDENTITY, "0 identity, 1 relu, 2 leaky relu, 3 swish (SiLU)",
+             choices=(0, 1, 2, 3)),
+    AttrSpec("alpha", float, DEFAULT_ALPHA, "leaky relu slope"),
+)
+
+TILE_GATHER = OpSpec(
+    name="TileGather",
+    inputs=(
+        InputSpec("tiles", "T", doc="[m*ts*ts, C] new tiles of the source (m may be 0)"),
+        InputSpec("cache", "T", doc="[Hs, Ws, C] (src_layout 0) or [1, C, Hs, Ws] (src_layout 1)"),
+        InputSpec("src_idx", "I", doc="[m, 2] top-left (y, x) of each source tile"),
+        InputSpec("dst_idx", "I", doc="[n, 2] top-left (y, x) of each output tile"),
+        InputSpec("scale", "T", optional=True, doc="[C] per-channel scale"),
+        InputSpec("shift", "T", optional=True, doc="[C] per-channel shift"),
+    ),
+    outputs=(InputSpec("cols", "T", doc="[n*t*t, k*k*C] im2col rows, columns (ky, kx, c)"),),
+    attributes=(
+        AttrSpec("src_tile", int, None, "tile size ts of the source tiles", min=1),
+        AttrSpec("tile", int, None, "tile size t of the output tiles", min=1),
+        AttrSpec("kernel", int, None, "conv kernel size k", min=1),
+        AttrSpec("stride", int, 1, "conv stride s", min=1),
+        AttrSpec("pad_top", int, 0, "conv padding at the top"),
+        AttrSpec("pad_left", int, 0, "conv padding at the left"),
+        AttrSpec("upsample", int, 1, "nearest upsampling factor u applied to the source", min=1),
+        *_ACT_ATTRS,
+        AttrSpec("src_layout", int, LAYOUT_NHWC, "cache layout: 0 NHWC [Hs,Ws,C], 1 NCHW [1,C,Hs,Ws]",
+                 choices=(LAYOUT_NHWC, LAYOUT_NCHW)),
+    ),
+    doc="im2col rows of a conv's input read from new source tiles where they cover a pixel, "
+    "else from the cache; zero outside the image; fused per-channel scale/shift and activation.",
+)
+
+TILE_SCATTER = OpSpec(
+    name="TileScatter",
+    inputs=(
+        InputSpec("tiles", "T", doc="[n*t*t, C] tile tensor"),
+        InputSpec("cache", "T", doc="[1, C, H, W] NCHW full tensor"),
+        InputSpec("idx", "I", doc="[n, 2] top-left (y, x) of each tile"),
+        InputSpec("residual", "T", optional=True, doc="[n*t*t, C] added to the tiles"),
+    ),
+    outputs=(InputSpec("out", "T", doc="[1, C, H, W] cache with the active tiles overwritten"),),
+    attributes=(AttrSpec("tile", int, None, "tile size t", min=1), *_ACT_ATTRS),
+    doc="Materialise a full NCHW tensor: the cache with every active tile's in-image pixels "
+    "replaced by act(tiles + residual).",
+)
+
+OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER}
+
+
+# --------------------------------------------------------------------------------------------
+# Node construction
+
+
+def make_node(op: str, inputs: list[str], outputs: list[str], name: str | None = None,
+              **attrs: object) -> onnx.NodeProto:
+    """Return a validated ``onnx.NodeProto`` for ssic op ``op`` with every attribute written out.
+
+    Missing optional inputs are given as ``""`` (or left off at the end). Raises ``ValueError``
+    for unknown ops/attributes, wrong attribute types or values, or a wrong number of inputs.
+    """
+    spec = OPS.get(op)
+    if spec is None:
+        raise ValueError(f"unknown ssic op {op!r}; known: {sorted(OPS)}")
+    inputs = list(inputs)
+    while inputs and inputs[-1] == "":
+        inputs.pop()
+    if not spec.min_inputs <= len(inputs) <= spec.max_inputs:
+        raise ValueError(f"{op}: expected {spec.min_inputs}..{spec.max_inputs} inputs, got {len(inputs)}")
+    for i, (value, ispec) in enumerate(zip(inputs, spec.inputs)):
+        if value == "" and not ispec.optional:
+            raise ValueError(f"{op}: input {i} ({ispec.name}) is required")
+    if len(outputs) != len(spec.outputs):
+        raise ValueError(f"{op}: expected {len(spec.outputs)} output(s), got {len(outputs)}")
+    resolved = spec.resolve_attrs(attrs)
+    return helper.make_node(op, inputs, list(outputs), name=name, domain=DOMAIN, **resolved)
+
+
+def opset_imports(onnx_opset: int = 17) -> list[onnx.OperatorSetIdProto]:
+    """Return the opset imports a graph using ssic ops needs (default domain and ``ssic``)."""
+    return [helper.make_opsetid("", onnx_opset), helper.make_opsetid(DOMAIN, VERSION)]
+
+
+# --------------------------------------------------------------------------------------------
+# Shape inference and schema registration
+
+
+def gather_output_shape(tiles_shape, cache_shape, dst_shape, *, tile: int, kernel: int,
+                        src_layout: int = LAYOUT_NHWC):
+    """Return the TileGather output shape ``[n*t*t, k*k*C]`` (entries may be None if unknown)."""
+    n = dst_shape[0] if dst_shape is not None else None
+    c = None
+    if tiles_shape is not None and tiles_shape[1] is not None:
+        c = tiles_shape[1]
+    elif cache_shape is not None:
+        c = cache_shape[2] if src_layout == LAYOUT_NHWC else cache_shape[1]
+    return [None if n is None else n * tile * tile, None if c is None else kernel * kernel * c]
+
+
+def _dims(type_proto: onnx.TypeProto | None):
+    if type_proto is None or not type_proto.HasField("tensor_type"):
+        return None
+    tt = type_proto.tensor_type
+    if not tt.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+
+
+def _attr_int(ctx, name: str, default: int | None) -> int | None:
+    a = ctx.get_attribute(name)
+    return default if a is None else a.i
+
+
+def _float_type(shape) -> onnx.TypeProto:
+    tp = onnx.TypeProto()
+    tp.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    if shape is not None:
+        tp.tensor_type.shape.SetInParent()
+        for d in shape:
+            dim = tp.tensor_type.shape.dim.add()
+            if d is not None:
+                dim.dim_value = d
+    return tp
+
+
+def _infer_tile_gather(ctx) -> None:
+    tile = _attr_int(ctx, "tile", None)
+    kernel = _attr_int(ctx, "kernel", None)
+    layout = _attr_int(ctx, "src_layout", LAYOUT_NHWC)
+    tiles = _dims(ctx.get_input_type(0))
+    cache = _dims(ctx.get_input_type(1))
+    dst = _dims(ctx.get_input_type(3))
+    if tile is None or kernel is None:
+        ctx.set_output_type(0, _float_type([None, None]))
+        return
+    if tiles is not None and len(tiles) != 2:
+        tiles = None
+    if cache is not None and len(cache) != (3 if layout == LAYOUT_NHWC else 4):
+        cache = None
+    shape = gather_output_shape(tiles, cache, dst, tile=tile, kernel=kernel, src_layout=layout)
+    ctx.set_output_type(0, _float_type(shape))
+
+
+def _infer_tile_scatter(ctx) -> None:
+    cache = _dims(ctx.get_input_type(1))
+    ctx.set_output_type(0, _float_type(cache))
+
+
+_INFER = {TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter}
+
+_ATTR_TYPES = {int: defs.OpSchema.AttrType.INT, float: defs.OpSchema.AttrType.FLOAT}
+
+
+def _make_schema(spec: OpSpec) -> defs.OpSchema:
+    P = defs.OpSchema.FormalParameter
+    Opt = defs.OpSchema.FormalParameterOption
+    inputs = [P(i.name, i.type_str, i.doc, param_option=Opt.Optional if i.optional else Opt.Single)
+              for i in spec.inputs]
+    outputs = [P(o.name, o.type_str, o.doc) for o in spec.outputs]
+    attrs = []
+    for a in spec.attributes:
+        if a.default is None:
+            attrs.append(defs.OpSchema.Attribute(a.name, _ATTR_TYPES[a.type], a.doc, required=True))
+        else:
+            attrs.append(defs.OpSchema.Attribute(
+                a.name, helper.make_attribute(a.name, a.default), a.doc))
+    schema = defs.OpSchema(
+        spec.name, DOMAIN, spec.version, spec.doc,
+        inputs=inputs, outputs=outputs,
+        type_constraints=[("T", ["tensor(float)"], "float tensors"),
+                          ("I", ["tensor(int64)"], "tile corners")],
+        attributes=attrs,
+    )
+    schema.set_type_and_shape_inference_function(_INFER[spec.name])
+    return schema
+
+
+def register_schemas() -> None:
+    """Register the ONNX schemas of all ssic ops (idempotent)."""
+    for spec in OPS.values():
+        if not defs.has(spec.name, spec.version, DOMAIN):
+            defs.register_schema(_make_schema(spec))
+
+
+register_schemas()
+
+
+# --------------------------------------------------------------------------------------------
+# NumPy reference implementations
+
+
+def apply_activation(x: np.ndarray, activation: int, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Return ``act(x)`` in float32 for an activation code."""
+    x = np.asarray(x, dtype=np.float32)
+    if activation == ACT_IDENTITY:
+        return x
+    if activation == ACT_RELU:
+        return np.maximum(x, np.float32(0))
+    if activation == ACT_LEAKY_RELU:
+        return np.where(x >= 0, x, x * np.float32(alpha)).astype(np.float32)
+    if activation == ACT_SWISH:
+        with np.errstate(over="ignore"):
+            return (x / (np.float32(1) + np.exp(-x))).astype(np.float32)
+    raise ValueError(f"unknown activation code {activation}")
+
+
+def _check_idx(idx: np.ndarray, t: int, h: int, w: int, what: str) -> np.ndarray:
+    idx = np.asarray(idx, dtype=np.int64).reshape(-1, 2)
+    if idx.size and (np.any(idx % t != 0) or np.any(idx < 0) or np.any(idx[:, 0] >= h)
+                     or np.any(idx[:, 1] >= w)):
+        raise ValueError(f"{what}: tile corners must be multiples of {t} inside {h}x{w}")
+    return idx
+
+
+def _paste_tiles(full: np.ndarray, tiles: np.ndarray, idx: np.ndarray, t: int) -> None:
+    """Overwrite ``full`` ([H, W, C]) with the in-image part of each tile, in order."""
+    h, w, c = full.shape
+    tiles = tiles.reshape(-1, t, t, c)
+    for i, (y, x) in enumerate(idx):
+        hh, ww = min(t, h - y), min(t, w - x)
+        full[y:y + hh, x:x + ww] = tiles[i, :hh, :ww]
+
+
+def tile_gather_ref(tiles, cache, src_idx, dst_idx, scale=None, shift=None, *, src_tile: int,
+                    tile: int, kernel: int, stride: int = 1, pad_top: int = 0, pad_left: int = 0,
+                    upsample: int = 1, activation: int = ACT_IDENTITY, alpha: float = DEFAULT_ALPHA,
+                    src_layout: int = LAYOUT_NHWC) -> np.ndarray:
+    """Return the TileGather output ``cols`` ``[n*t*t, k*k*C]`` (float32)."""
+    cache = np.asarray(cache, dtype=np.float32)
+    if src_layout == LAYOUT_NHWC:
+        src = cache.copy()
+    elif src_layout == LAYOUT_NCHW:
+        src = np.ascontiguousarray(cache[0].transpose(1, 2, 0))
+    else:
+        raise ValueError(f"unknown src_layout {src_layout}")
+    hs, ws, c = src.shape
+    ts, t, k, s, u = src_tile, tile, kernel, stride, upsample
+    src_idx = _check_idx(src_idx, ts, hs, ws, "TileGather src_idx")
+    dst_idx = np.asarray(dst_idx, dtype=np.int64).reshape(-1, 2)
+    tiles = np.asarray(tiles, dtype=np.float32).reshape(-1, c)
+    if tiles.shape[0] != len(src_idx) * ts * ts:
+        raise ValueError("TileGather: tiles rows != len(src_idx) * src_tile^2")
+    _paste_tiles(src, tiles, src_idx, ts)
+
+    if scale is not None:
+        src = src * np.asarray(scale, dtype=np.float32).reshape(c)
+    if shift is not None:
+        src = src + np.asarray(shift, dtype=np.float32).reshape(c)
+    src = apply_activation(src, activation, alpha)
+
+    n = len(dst_idx)
+    pk = np.arange(t)[:, None] * s + np.arange(k)[None, :]  # [t, k]: offset of (p, kk)
+    ys = dst_idx[:, 0, None, None] * s - pad_top + pk[None]  # [n, t(py), k(ky)]
+    xs = dst_idx[:, 1, None, None] * s - pad_left + pk[None]  # [n, t(px), k(kx)]
+    vy = (ys >= 0) & (ys < hs * u)
+    vx = (xs >= 0) & (xs < ws * u)
+    sy = np.clip(ys, 0, hs * u - 1) // u
+    sx = np.clip(xs, 0, ws * u - 1) // u
+    # vals[n, py, ky, px, kx, C]
+    vals = src[sy[:, :, :, None, None], sx[:, None, None, :, :]]
+    valid = vy[:, :, :, None, None] & vx[:, None, None, :, :]
+    vals = np.where(valid[..., None], vals, np.float32(0))
+    cols = vals.transpose(0, 1, 3, 2, 4, 5).reshape(n * t * t, k * k * c)
+    return np.ascontiguousarray(cols, dtype=np.float32)
+
+
+def tile_scatter_ref(tiles, cache, idx, residual=None, *, tile: int,
+                     activation: int = ACT_IDENTITY, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Return the TileScatter output: ``cache`` ([1, C, H, W]) with the active tiles replaced."""
+    cache = np.asarray(cache, dtype=np.float32)
+    _, c, h, w = cache.shape
+    idx = _check_idx(idx, tile, h, w, "TileScatter idx")
+    vals = np.asarray(tiles, dtype=np.float32).reshape(-1, c)
+    if vals.shape[0] != len(idx) * tile * tile:
+        raise ValueError("TileScatter: tiles rows != len(idx) * tile^2")
+    if residual is not None:
+        vals = vals + np.asarray(residual, dtype=np.float32).reshape(-1, c)
+    vals = apply_activation(vals, activation, alpha)
+    full = np.ascontiguousarray(cache[0].transpose(1, 2, 0))
+    _paste_tiles(full, vals, idx, tile)
+    return np.ascontiguousarray(full.transpose(2, 0, 1)[None])
+
+
+REFERENCES = {TILE_GATHER.name: tile_gather_ref, TILE_SCATTER.name: tile_scatter_ref}
