@@ -42,6 +42,34 @@ class EliminateIdentityResizePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+class FoldStaticShapePass(ir.passes.InPlacePass):
+    """Replace ``Shape`` of a statically shaped value by a constant (TorchScript's GroupNorm uses one)."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        import numpy as np
+
+        modified = False
+        for node in list(model.graph):
+            if node.op_type != "Shape" or node.domain != "" or node.outputs[0].is_graph_output():
+                continue
+            shape = node.inputs[0].shape
+            if shape is None or not all(isinstance(d, int) for d in shape):
+                continue
+            dims = list(shape)
+            start = node.attributes.get_int("start", 0)
+            end = node.attributes.get_int("end", len(dims))
+            array = np.array(dims[start:end], np.int64)
+            name = node.outputs[0].name + "/folded"
+            const = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64),
+                             const_value=ir.tensor(array, name=name))
+            model.graph.register_initializer(const)
+            node.outputs[0].replace_all_uses_with(const)
+            modified = True
+        if modified:
+            RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)
+
+
 class InferShapesPass(ir.passes.InPlacePass):
     """ONNX shape inference with data propagation; every value gets a static shape where one exists."""
 
@@ -74,6 +102,7 @@ def preprocess_passes(disabled: set[str]) -> list[tuple[str, ir.passes.PassBase]
         ("lift-constants", LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)),
         ("name-fix", NameFixPass()),
         ("infer-shapes", InferShapesPass()),
+        ("fold-static-shape", FoldStaticShapePass()),
         ("eliminate-identity-resize", EliminateIdentityResizePass()),
         ("cse", CommonSubexpressionEliminationPass()),
         ("remove-unused", RemoveUnusedNodesPass()),

@@ -24,7 +24,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ssic.passes.analysis import ConvDecision, Grid, SparsePlan, conv_kind, conv_macs, spatial_hw, static_shape
+from ssic.passes.analysis import (
+    ConvDecision,
+    Grid,
+    SparsePlan,
+    conv_kind,
+    conv_macs,
+    spatial_hw,
+    static_shape,
+)
 
 ACT_IDENTITY, ACT_RELU, ACT_LEAKY, ACT_SWISH = 0, 1, 2, 3
 

@@ -1,0 +1,48 @@
+# ssic — make help lists the targets.
+PYTHON ?= python3
+PIP ?= $(PYTHON) -m pip
+TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
+TORCH_REQ := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)
+STAMP := build/.installed
+
+.PHONY: help install plugins demo test test-slow bench bench-sige goldens lint clean
+
+help: ## List the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml CMakeLists.txt $(wildcard plugins/ort/*) $(wildcard plugins/common/*)
+	$(PIP) install -q $(TORCH_REQ)
+	$(PIP) install -q scikit-build-core ninja cmake
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	@mkdir -p build && touch $(STAMP)
+
+install: $(STAMP) ## Install ssic (editable) with torch 2.13.0 CPU and build the C++ op library
+
+plugins: ## Rebuild the C++ ONNX Runtime op library in place
+	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
+	@mkdir -p build && touch $(STAMP)
+
+demo: $(STAMP) ## The main job: SDEdit with DDIM, dense vs sparse on ONNX Runtime CPU
+	$(PYTHON) -m ssic.cli demo --preset tiny --steps 10 --out out/demo
+
+test: $(STAMP) ## Run the test suite (what CI runs)
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+test-slow: $(STAMP) ## Tests on the full-size models too (slow)
+	SSIC_SLOW=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests
+
+bench: $(STAMP) ## Full-size benchmarks -> BENCHMARKS.md (long: tens of minutes)
+	$(PYTHON) bench/run_bench.py --out bench_out --report BENCHMARKS.md
+
+bench-sige: $(STAMP) ## The SIGE engine side by side (installs sige 0.3.0 from PyPI; not in CI)
+	bash bench/install_sige.sh
+	$(PYTHON) bench/bench_sige.py --out bench_out/sige.json
+
+goldens: $(STAMP) ## Regenerate the golden outputs of the tiny presets in tests/golden
+	$(PYTHON) -m tests.make_goldens
+
+lint: ## ruff
+	$(PYTHON) -m ruff check ssic tests bench
+
+clean: ## Remove build products
+	rm -rf build out bench_out ssic/_lib
