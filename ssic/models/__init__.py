@@ -1,0 +1,62 @@
+"""The generative models ssic compiles, at the SIGE paper's sizes (``full``) and small (``tiny``).
+
+Public API::
+
+    build_model(name, preset="tiny", seed=0) -> torch.nn.Module           # eval mode, seeded
+    example_inputs(name, preset="tiny", seed=0) -> dict[str, np.ndarray]  # keyed by input name
+    export_model(name, preset, output_path, seed=0, weights=None) -> Path # ONNX, opset 21, IR 10
+    load_ddim_checkpoint(path, preset="full") / load_pd_checkpoint(...) / load_spade_checkpoint(...)
+    make_gaugan_input(label_map, instance_map=None) -> np.ndarray [1, 36, H, W]
+    MODEL_NAMES = ("ddim", "pd", "gaugan"); PRESETS = ("full", "tiny")
+
+Model inputs and outputs (ONNX names; batch 1, static shapes, float32):
+
+- ``ddim`` (LSUN Church 256 UNet, 248 GMACs): ``x [1,3,256,256]``, ``t [1]`` (timestep in
+  [0, 1000)) -> ``eps [1,3,256,256]``;
+- ``pd`` (Progressive Distillation PD-256 UNet, 119 GMACs): ``x [1,3,256,256]``, ``t [1]``
+  (continuous time in [0, 1]) -> ``out [1,6,256,256]`` (eps and x prediction);
+- ``gaugan`` (SPADE generator, Cityscapes 256x512, 281 GMACs): ``seg [1,36,256,512]`` (one-hot of
+  35 labels + instance edges) -> ``image [1,3,256,512]``.
+
+torch is imported lazily: ``import ssic.models`` stays light.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "MODEL_NAMES",
+    "PRESETS",
+    "build_model",
+    "example_inputs",
+    "input_names",
+    "output_names",
+    "export_model",
+    "load_ddim_checkpoint",
+    "load_pd_checkpoint",
+    "load_spade_checkpoint",
+    "make_gaugan_input",
+]
+
+MODEL_NAMES: tuple[str, ...] = ("ddim", "pd", "gaugan")
+PRESETS: tuple[str, ...] = ("full", "tiny")
+
+_LAZY = {
+    "build_model": "ssic.models.presets",
+    "example_inputs": "ssic.models.presets",
+    "input_names": "ssic.models.presets",
+    "output_names": "ssic.models.presets",
+    "export_model": "ssic.models.export",
+    "load_ddim_checkpoint": "ssic.models.checkpoints",
+    "load_pd_checkpoint": "ssic.models.checkpoints",
+    "load_spade_checkpoint": "ssic.models.checkpoints",
+    "make_gaugan_input": "ssic.models.gaugan",
+}
+
+
+def __getattr__(name: str):
+    mod = _LAZY.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'ssic.models' has no attribute {name!r}")
+    import importlib
+
+    return getattr(importlib.import_module(mod), name)

@@ -1,0 +1,160 @@
+"""PyTorch -> ONNX export of the ssic models.
+
+Exporter choice: torch 2.13's default ``torch.onnx.export(..., dynamo=True)`` (torch.export +
+onnxscript's torchlib), opset 21. It is used because it is the only one that emits opset-21
+``GroupNormalization`` (per-channel scale/bias) as ONE node per ``nn.GroupNorm``; the legacy
+TorchScript exporter (``dynamo=False``, opset <= 20) expands GroupNorm into
+Reshape -> InstanceNormalization -> Reshape -> Mul -> Add and leaves hundreds of
+Shape/Gather/Constant nodes behind. After its optimiser the dynamo graph is clean: the asymmetric
+``F.pad(0, 1, 0, 1)`` of the DDIM downsample is folded into the Conv's ``pads=[0, 0, 1, 1]``,
+constants are initializers, no shape arithmetic is left.
+
+Patterns in the exported graphs (what :mod:`ssic.passes` matches):
+
+- GroupNorm: ``GroupNormalization(X, scale[C], bias[C])``, attributes ``num_groups``,
+  ``epsilon`` (1e-6), ``stash_type=1``;
+- nearest 2x upsampling: ``Resize(X, "", scales=[1, 1, 2, 2])``, ``mode="nearest"``,
+  ``coordinate_transformation_mode="asymmetric"``, ``nearest_mode="floor"``; GauGAN's segmap
+  resizes use the ``sizes`` input (4th) with the same attributes;
+- swish: ``Sigmoid`` + ``Mul``; leaky ReLU: ``LeakyRelu(alpha=0.2)``; SPADE's BatchNorm:
+  ``BatchNormalization`` (inference form, scale 1 / bias 0 initializers);
+- PD resampling ResBlocks: ``AveragePool(kernel 2, stride 2)`` and the Resize above;
+- attention: 1x1 ``Conv`` q/k/v, ``Reshape``/``Transpose``, ``MatMul``, ``Softmax``, ``MatMul``.
+
+Node names are rewritten to ``<module path>/<op>`` (e.g. ``down.0.block.0.conv1/conv2d_1``),
+unique per graph; the module path is also kept as node metadata ``ssic.module``.
+The model is batch 1 with static shapes, IR version 10, weights inside the ``.onnx`` file, and is
+written atomically (temporary file in the same directory, then ``os.replace``).
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import io
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ssic.errors import SSICError
+
+__all__ = ["export_model", "export_module", "OPSET", "IR_VERSION"]
+
+OPSET = 21
+IR_VERSION = 10
+
+
+def _rename_nodes(model: onnx.ModelProto) -> None:
+    used: set[str] = set()
+    for node in model.graph.node:
+        props = {p.key: p.value for p in node.metadata_props}
+        module = ""
+        leaf = node.name or node.op_type
+        scopes = props.get("pkg.torch.onnx.name_scopes")
+        if scopes:
+            try:
+                parts = [s for s in ast.literal_eval(scopes) if s]
+            except (ValueError, SyntaxError):
+                parts = []
+            if len(parts) >= 2:
+                module = parts[-2]
+            if parts:
+                leaf = parts[-1]
+        base = f"{module}/{leaf}" if module else leaf
+        name, i = base, 1
+        while name in used:
+            name = f"{base}_{i}"
+            i += 1
+        used.add(name)
+        node.name = name
+        del node.metadata_props[:]
+        if module:
+            p = node.metadata_props.add()
+            p.key, p.value = "ssic.module", module
+
+
+def export_module(module, inputs: dict[str, np.ndarray], output_names: list[str]) -> onnx.ModelProto:
+    """Export a torch module called as ``module(*inputs.values())`` to a checked ModelProto."""
+    import torch
+
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
+    module = module.eval()
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module, args, input_names=list(inputs), output_names=list(output_names),
+                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False,
+                    optimize=True,
+                )
+    except Exception as e:  # noqa: BLE001
+        raise SSICError(f"ONNX export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    model = program.model_proto
+    model.ir_version = IR_VERSION
+    model.producer_name = "ssic"
+    _rename_nodes(model)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent
+    if path.exists() and path.is_dir():
+        raise SSICError(f"output path {path} is a directory")
+    if not parent.is_dir():
+        raise SSICError(f"cannot write {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise SSICError(f"cannot write {path}: directory {parent} is not writable")
+
+
+def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Serialize ``model`` to ``path`` atomically (temp file in the same dir + os.replace)."""
+    path = Path(path)
+    _check_writable(path)
+    fd, tmp = None, None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            fd = None
+            f.write(model.SerializeToString())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as e:
+        raise SSICError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        if fd is not None:
+            os.close(fd)
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def export_model(name: str, preset: str, output_path: str | Path, seed: int = 0,
+                 weights: str | Path | None = None) -> Path:
+    """Build model ``name`` at ``preset`` (seeded weights, or ``weights`` loaded from a checkpoint
+    in the official layout) and write it to ``output_path`` as ONNX. Returns the path.
+
+    Inputs/outputs: ddim ``x[1,3,256,256]``, ``t[1]`` -> ``eps[1,3,256,256]``; pd ``x``, ``t`` ->
+    ``out[1,6,256,256]``; gaugan ``seg[1,36,256,512]`` -> ``image[1,3,256,512]``.
+    """
+    from ssic.models.presets import build_model, example_inputs, model_config, output_names
+
+    model_config(name, preset)  # validates name/preset (SSICError)
+    path = Path(output_path)
+    _check_writable(path)
+    if weights is not None:
+        from ssic.models.checkpoints import load_weights
+
+        module = load_weights(name, preset, weights)
+    else:
+        module = build_model(name, preset, seed)
+    model = export_module(module, example_inputs(name, preset, seed), output_names(name))
+    return save_atomic(model, path)
