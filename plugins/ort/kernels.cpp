@@ -11,11 +11,21 @@ namespace ssic {
 namespace {
 
 // exp(x) for the swish activation, branch-free so the compiler vectorises the channel loop
-// (std::exp is a libm call that blocks vectorisation). Cephes-style range reduction and a degree-6
-// polynomial; relative error ~2e-7 on the clamped range [-87, 88].
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+// (std::exp is a libm call that blocks vectorisation; the loops also need -fno-trapping-math,
+// see cmake/SsicFlags.cmake). Cephes-style range reduction (rounding by adding 1.5*2^23) and a
+// degree-6 polynomial; relative error ~1e-7 on the clamped range [-87, 88].
+//
+// The clamp bounds arrive at run time (ActArgs): with constant bounds GCC if-converts the clamp
+// into a second, constant-folded branch (v / (1 + e^88)) evaluated on every lane, whose denormal
+// results cost ~10x through microcode assists.
+inline float exp_approx(float x, float lo, float hi) {
+  x = x > hi ? hi : x;
+  x = x < lo ? lo : x;
+  constexpr float kRound = 12582912.0f;
+  const float t = x * 1.44269504088896341f + kRound;
+  const float n = t - kRound;  // round(x / ln 2)
+  int32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof t_bits);
   const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -24,17 +34,28 @@ inline float exp_approx(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  const int32_t bits = (t_bits - 0x4B400000 + 127) * (1 << 23);  // 2^n as a float
   float two_n;
   std::memcpy(&two_n, &bits, sizeof two_n);
   return y * two_n;
 }
 
+struct ActArgs {
+  float alpha;   // leaky relu slope
+  float exp_lo;  // clamp range of exp_approx: -87, 88
+  float exp_hi;
+};
+
+ActArgs act_args(float alpha) {
+  static volatile float lo = -87.0f, hi = 88.0f;  // opaque to the optimiser, see exp_approx
+  return ActArgs{alpha, lo, hi};
+}
+
 template <int64_t Act>
-inline float activate(float v, float alpha) {
+inline float activate(float v, const ActArgs& a) {
   if (Act == kRelu) return v > 0.0f ? v : 0.0f;
-  if (Act == kLeakyRelu) return v >= 0.0f ? v : v * alpha;
-  if (Act == kSwish) return v / (1.0f + exp_approx(-v));
+  if (Act == kLeakyRelu) return v >= 0.0f ? v : v * a.alpha;
+  if (Act == kSwish) return v / (1.0f + exp_approx(-v, a.exp_lo, a.exp_hi));
   return v;
 }
 
@@ -42,7 +63,7 @@ inline float activate(float v, float alpha) {
 // identity case is a memcpy.
 template <int64_t Act, bool Affine>
 inline void transform(const float* __restrict src, int64_t stride, const float* __restrict scale,
-                      const float* __restrict shift, float alpha, float* __restrict dst,
+                      const float* __restrict shift, ActArgs act, float* __restrict dst,
                       int64_t channels) {
   if (stride == 1) {
     if (Act == kIdentity && !Affine) {
@@ -52,13 +73,13 @@ inline void transform(const float* __restrict src, int64_t stride, const float* 
     for (int64_t c = 0; c < channels; ++c) {
       float v = src[c];
       if (Affine) v = v * scale[c] + shift[c];
-      dst[c] = activate<Act>(v, alpha);
+      dst[c] = activate<Act>(v, act);
     }
   } else {
     for (int64_t c = 0; c < channels; ++c) {
       float v = src[c * stride];
       if (Affine) v = v * scale[c] + shift[c];
-      dst[c] = activate<Act>(v, alpha);
+      dst[c] = activate<Act>(v, act);
     }
   }
 }
@@ -83,12 +104,13 @@ template <int64_t Act, bool Affine>
 void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<int32_t>& cells,
                  const TileGrid& grid, const float* scale, const float* shift,
                  const ParallelFor& pfor) {
-  const int64_t t = p.tile, k = p.kernel, ts = p.src_tile, C = a.channels;
+  const int64_t t = p.tile, k = p.kernel, C = a.channels;
   const int64_t row_len = k * k * C;
   const bool nhwc = p.src_layout == 0;
   const int64_t plane = a.hs * a.ws;  // NCHW channel stride
   const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs};
   const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws};
+  const ActArgs act = act_args(p.alpha);
   // One work item = one row py of one output tile i: t*k*k*C floats written contiguously.
   pfor(a.n * t, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> sy(static_cast<size_t>(k)), sx(static_cast<size_t>(t * k));
@@ -112,20 +134,19 @@ void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<i
             const int32_t j = cells[static_cast<size_t>(pixel_cell(grid, y, x))];
             if (j >= 0) {
               const float* src = a.tiles + tile_row(grid, j, y, x) * C;
-              transform<Act, Affine>(src, 1, scale, shift, p.alpha, dst, C);
+              transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
             } else if (nhwc) {
               const float* src = a.cache + (y * a.ws + x) * C;
-              transform<Act, Affine>(src, 1, scale, shift, p.alpha, dst, C);
+              transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
             } else {
               const float* src = a.cache + y * a.ws + x;
-              transform<Act, Affine>(src, plane, scale, shift, p.alpha, dst, C);
+              transform<Act, Affine>(src, plane, scale, shift, act, dst, C);
             }
           }
         }
       }
     }
   });
-  (void)ts;
 }
 
 template <int64_t Act>
@@ -133,6 +154,7 @@ void scatter_impl(const ScatterParams& p, const ScatterArgs& a, const std::vecto
                   const TileGrid& grid, const ParallelFor& pfor) {
   const int64_t t = p.tile, C = a.channels, H = a.height, W = a.width;
   const int64_t plane = H * W;
+  const ActArgs act = act_args(p.alpha);
   pfor(a.n, [&](int64_t begin, int64_t end) {
     std::vector<float> row(static_cast<size_t>(t * C));
     for (int64_t i = begin; i < end; ++i) {
@@ -146,9 +168,9 @@ void scatter_impl(const ScatterParams& p, const ScatterArgs& a, const std::vecto
         const int64_t len = w * C;
         if (a.residual) {
           const float* res = a.residual + r0 * C;
-          for (int64_t e = 0; e < len; ++e) row[e] = activate<Act>(src[e] + res[e], p.alpha);
+          for (int64_t e = 0; e < len; ++e) row[e] = activate<Act>(src[e] + res[e], act);
         } else {
-          for (int64_t e = 0; e < len; ++e) row[e] = activate<Act>(src[e], p.alpha);
+          for (int64_t e = 0; e < len; ++e) row[e] = activate<Act>(src[e], act);
         }
         // ... then transposed into the NCHW output.
         float* dst = a.out + (y0 + py) * W + x0;
