@@ -345,7 +345,7 @@ def _build_fused_sparse(trt: TensorRT, out_dir: Path, profiles: dict[str, dict],
     mod = trt.module
     logger = _make_logger(trt, log)
     builder = mod.Builder(logger)
-    lib, why = load_plugin_library(trt, builder.get_plugin_registry())
+    lib, why = load_plugin_library(trt, mod.get_plugin_registry())
     counts = ", ".join(f"{sum(n['op_type'] == op for n in nodes)} {op}" for op in sorted({n["op_type"] for n in nodes}))
     info = {"graph": TRT_SPARSE_GRAPH, "namespace": PLUGIN_NAMESPACE, "version": PLUGIN_VERSION,
             "library": PLUGIN_LIBRARY_NAME, "nodes": len(nodes)}
@@ -358,6 +358,12 @@ def _build_fused_sparse(trt: TensorRT, out_dir: Path, profiles: dict[str, dict],
         raise SSICError(f"the fused lowering on TensorRT needs the ssic plugins ({counts}) and the plugin library "
                         f"could not be loaded: {why}{detail}. Compile with --lowering standard to need no plugins")
     log(f"{trt.flavour}: loaded plugin library {lib}")
+    if trt.flavour == "trt-rtx":
+        # Measured with tensorrt-rtx 1.7.1: the library loads and its creators register, but the ONNX
+        # parser then aborts the whole process (std::terminate) on the plugin nodes. Refuse cleanly.
+        raise SSICError(f"the fused lowering on TensorRT needs the ssic plugins ({counts}); {lib} loads into "
+                        f"{trt.flavour} {trt.version}, but its ONNX parser aborts on plugin nodes. Build on a host with "
+                        "TensorRT (the tensorrt module), or compile with --lowering standard")
     entry = build_engine(trt, dst, engine_path, profiles, log, optimization_level=optimization_level)
     return entry, info
 
