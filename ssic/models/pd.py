@@ -48,9 +48,9 @@ _PD_COMMON = dict(
 PD_CONFIGS: dict[str, UNetConfig] = {
     "full": UNetConfig(ch=64, ch_mult=(1, 1, 2, 4, 6, 8), emb_ch=768, head_dim=64,
                        num_groups=32, norm_eps=1e-6, **_PD_COMMON),
-    # same topology; widths 16..128, 8 GroupNorm groups, head dim 16 (multi-head everywhere)
-    "tiny": UNetConfig(ch=16, ch_mult=(1, 1, 2, 4, 6, 8), emb_ch=64, head_dim=16,
-                       num_groups=8, norm_eps=1e-6, **_PD_COMMON),
+    # same topology; widths 8..64, 4 GroupNorm groups, head dim 8 (multi-head everywhere)
+    "tiny": UNetConfig(ch=8, ch_mult=(1, 1, 2, 4, 6, 8), emb_ch=32, head_dim=8,
+                       num_groups=4, norm_eps=1e-6, **_PD_COMMON),
 }
 
 
