@@ -399,8 +399,9 @@ def test_kernel_tile_arithmetic_on_cpu(tmp_path):
     rng = np.random.default_rng(3)
     for case in range(6):
         hs, ws, ts = int(rng.integers(5, 20)), int(rng.integers(5, 20)), int(rng.integers(2, 6))
-        k = int(rng.choice([1, 3])); stride = int(rng.choice([1, 2])); up = 1 if stride == 2 else int(rng.choice([1, 2]))
-        t = int(rng.integers(2, 6)); c = int(rng.integers(1, 4)); act = int(rng.integers(0, 4))
+        k, stride = int(rng.choice([1, 3])), int(rng.choice([1, 2]))
+        up = 1 if stride == 2 else int(rng.choice([1, 2]))
+        t, c, act = int(rng.integers(2, 6)), int(rng.integers(1, 4)), int(rng.integers(0, 4))
         pad = k // 2
         cells = [(y, x) for y in range(0, hs, ts) for x in range(0, ws, ts)]
         src = [cells[i] for i in rng.choice(len(cells), size=int(rng.integers(0, len(cells) + 1)), replace=False)]

@@ -223,7 +223,7 @@ def network_bindings(trt: TensorRT, network, onnx_io: dict[str, dict], profiles:
                 if prof is None:
                     raise SSICError(f"input '{t.name}' has dynamic shape {shape} and is no active-tile input; "
                                     "the TensorRT target only makes the tile count dynamic")
-                if len(prof["max"]) != len(shape) or any(s not in (-1, m) for s, m in zip(shape, prof["max"])):
+                if len(prof["max"]) != len(shape) or any(s not in (-1, m) for s, m in zip(shape, prof["max"], strict=True)):
                     raise SSICError(f"input '{t.name}' has shape {shape}, which the tile profile "
                                     f"{prof['min']}..{prof['max']} does not match")
                 entry["profile"] = {k: list(prof[k]) for k in ("min", "opt", "max")}
