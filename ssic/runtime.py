@@ -289,6 +289,11 @@ class Session:
         self.prime(inputs, cache_id)
 
 
-def load(path: str | Path, *, threads: int | None = None) -> Session:
-    """Load a compiled artefact directory; returns a :class:`Session`."""
+def load(path: str | Path, *, threads: int | None = None):
+    """Load a compiled artefact directory; returns a :class:`Session` (or a TensorRT session)."""
+    manifest = _read_manifest(Path(path))
+    if manifest.get("target") == "trt":
+        from ssic.targets.trt import load as load_trt
+
+        return load_trt(path)
     return Session(path, threads=threads)

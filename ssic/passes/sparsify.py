@@ -342,6 +342,8 @@ class SparsifyPass:
             return self._batch_norm(node)
         if op == "Pad":
             return self._pad(node)
+        if op == "AveragePool":
+            return self._average_pool(node)
         if op == "Concat":
             return self._concat(node)
         if op == "Sigmoid" and self._swish(node):
@@ -460,6 +462,29 @@ class SparsifyPass:
         self.repr[out] = Lazy(rep, x, upsample=u)
         return True
 
+    def _average_pool(self, node: ir.Node) -> bool:
+        """k x k / stride k average pooling without padding: a gather of k*k columns and a mean."""
+        grid = self._grid_of_output(node)
+        kernel = node.attributes.get_ints("kernel_shape", [])
+        strides = node.attributes.get_ints("strides", [1, 1])
+        pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
+        shape = static_shape(node.inputs[0])
+        if grid is None or shape is None or len(kernel) != 2 or kernel[0] != kernel[1] or any(pads) \
+                or node.attributes.get_int("ceil_mode", 0) or node.attributes.get_string("auto_pad", "NOTSET") \
+                not in ("NOTSET", "") or len(set(strides)) != 1:
+            return False
+        k, c = kernel[0], shape[1]
+        rep = self._gatherable(node.inputs[0], self._rep(node.inputs[0]))
+        cols = self._gather(rep, grid, kernel=k, stride=strides[0], pads=(0, 0), upsample=1, channels=c,
+                            hint="pool_gather")
+        if cols is None:
+            return False
+        grouped = self._add("Reshape", [cols, self._const(np.array([-1, k * k, c], np.int64), "shape")])
+        y = self._add("ReduceMean", [grouped, self._const(np.array([1], np.int64), "axes")], {"keepdims": 0},
+                      name_hint="pool_mean")
+        self.repr[node.outputs[0]] = Tiled(grid, y, None, c)
+        return True
+
     def _pad(self, node: ir.Node) -> bool:
         rep = self._rep(node.inputs[0])
         if not isinstance(rep, Tiled) or node.attributes.get_string("mode", "constant") != "constant":
@@ -495,57 +520,91 @@ class SparsifyPass:
             return self._const(const.reshape(shape).astype(const.dtype), "vec")
         return self._add("Reshape", [value, self._const(np.array(shape, np.int64), "shape")], name_hint="vec")
 
+    def _through(self, node: ir.Node, rep, fn) -> bool:
+        """Apply a per-channel op ``fn(Tiled) -> Tiled | None`` to ``rep``, also through a nearest upsample.
+
+        Per-channel affine maps and activations commute with nearest upsampling, so
+        ``bn(upsample(x))`` becomes ``upsample(bn(x))`` and the next gather folds both.
+        """
+        if isinstance(rep, Tiled):
+            new = fn(rep)
+            if new is None:
+                return False
+            self.repr[node.outputs[0]] = new
+            return True
+        if isinstance(rep, Lazy) and rep.pad_top == 0 and rep.pad_left == 0:
+            src = rep.source
+            if isinstance(src, ir.Value):
+                shape = static_shape(src)
+                if shape is None or len(shape) != 4:
+                    return False
+                src = Tiled(None, None, None, shape[1], dense_source=src)
+            else:
+                src = self._gatherable(rep.source_value, src)
+            new = fn(src)
+            if new is None:
+                return False
+            self.repr[node.outputs[0]] = Lazy(new, rep.source_value, upsample=rep.upsample)
+            return True
+        return False
+
+    def _compose(self, t: Tiled, mul: ir.Value | None = None, add: ir.Value | None = None) -> Tiled | None:
+        """``t`` followed by ``x*mul + add`` (per-channel ``[C]`` vectors), folded into its epilogue."""
+        if t.act != ACT_IDENTITY:
+            if t.tiles is None:
+                return None
+            t = Tiled(t.grid, self._evaluate(t), None, t.channels)
+        scale, shift = t.scale, t.shift
+        if mul is not None:
+            scale = mul if scale is None else self._add("Mul", [scale, mul], name_hint="compose_scale")
+            shift = None if shift is None else self._add("Mul", [shift, mul], name_hint="compose_shift")
+        if add is not None:
+            shift = add if shift is None else self._add("Add", [shift, add], name_hint="compose_shift")
+        return Tiled(t.grid, t.tiles, t.base, t.channels, scale, shift, ACT_IDENTITY, 0.0, t.dense_source)
+
+    def _with_act(self, t: Tiled, act: int, alpha: float = 0.0) -> Tiled | None:
+        if t.act != ACT_IDENTITY:
+            if t.tiles is None:
+                return None
+            t = Tiled(t.grid, self._evaluate(t), None, t.channels)  # activation after activation
+        return Tiled(t.grid, t.tiles, t.base, t.channels, t.scale, t.shift, act, alpha, t.dense_source)
+
     def _affine(self, node: ir.Node) -> bool:
-        """Per-channel Mul/Add/Sub/Div on a Tiled without activation: compose into its epilogue."""
+        """Per-channel Mul/Add/Sub/Div on a Tiled (or upsampled) value: compose into its epilogue."""
         a, b = node.inputs[0], node.inputs[1]
         ra, rb = self._rep(a), self._rep(b)
         op = node.op_type
-        if isinstance(ra, Tiled) and not isinstance(rb, (Tiled, Lazy)):
+        if isinstance(ra, (Tiled, Lazy)) and not isinstance(rb, (Tiled, Lazy)):
             t, other = ra, b
-        elif isinstance(rb, Tiled) and not isinstance(ra, (Tiled, Lazy)) and op in ("Mul", "Add"):
+        elif isinstance(rb, (Tiled, Lazy)) and not isinstance(ra, (Tiled, Lazy)) and op in ("Mul", "Add"):
             t, other = rb, a
         else:
             return False
-        if t.act != ACT_IDENTITY:
+        channels = static_shape(node.outputs[0])
+        if channels is None or len(channels) != 4:
             return False
-        vec = self._per_channel(other, t.channels)
+        vec = self._per_channel(other, channels[1])
         if vec is None:
             return False
-        scale, shift = t.scale, t.shift
         if op == "Sub":
-            vec = self._add("Neg", [vec])
-            op = "Add"
+            return self._through(node, t, lambda x: self._compose(x, add=self._add("Neg", [vec])))
         if op == "Div":
-            vec = self._add("Reciprocal", [vec])
-            op = "Mul"
+            return self._through(node, t, lambda x: self._compose(x, mul=self._add("Reciprocal", [vec])))
         if op == "Mul":
-            scale = vec if scale is None else self._add("Mul", [scale, vec], name_hint="compose_scale")
-            shift = None if shift is None else self._add("Mul", [shift, vec], name_hint="compose_shift")
-        else:
-            shift = vec if shift is None else self._add("Add", [shift, vec], name_hint="compose_shift")
-        self.repr[node.outputs[0]] = Tiled(t.grid, t.tiles, t.base, t.channels, scale, shift, t.act, t.alpha,
-                                           t.dense_source)
-        return True
-
-    def _set_act(self, out: ir.Value, t: Tiled, act: int, alpha: float = 0.0) -> None:
-        if t.act != ACT_IDENTITY:
-            t = Tiled(t.grid, self._evaluate(t), None, t.channels)  # activation after activation
-        self.repr[out] = Tiled(t.grid, t.tiles, t.base, t.channels, t.scale, t.shift, act, alpha, t.dense_source)
+            return self._through(node, t, lambda x: self._compose(x, mul=vec))
+        return self._through(node, t, lambda x: self._compose(x, add=vec))
 
     def _activation(self, node: ir.Node) -> bool:
         rep = self._rep(node.inputs[0])
-        if not isinstance(rep, Tiled):
-            return False
         if node.op_type == "Relu":
-            self._set_act(node.outputs[0], rep, ACT_RELU)
-        else:
-            self._set_act(node.outputs[0], rep, ACT_LEAKY, node.attributes.get_float("alpha", 0.01))
-        return True
+            return self._through(node, rep, lambda t: self._with_act(t, ACT_RELU))
+        alpha = node.attributes.get_float("alpha", 0.01)
+        return self._through(node, rep, lambda t: self._with_act(t, ACT_LEAKY, alpha))
 
     def _swish(self, node: ir.Node) -> bool:
         x = node.inputs[0]
         rep = self._rep(x)
-        if not isinstance(rep, Tiled):
+        if not isinstance(rep, (Tiled, Lazy)):
             return False
         users = list(node.outputs[0].uses())
         if len(users) != 1:
@@ -553,8 +612,9 @@ class SparsifyPass:
         mul = users[0].node
         if mul.op_type != "Mul" or set(mul.inputs) != {x, node.outputs[0]} or len(mul.inputs) != 2:
             return False
+        if not self._through(mul, rep, lambda t: self._with_act(t, ACT_SWISH)):
+            return False
         self.skip.add(mul)
-        self._set_act(mul.outputs[0], rep, ACT_SWISH)
         return True
 
     def _gn_common(self, node_name: str, x: ir.Value, out: ir.Value, groups: int, eps: float,
@@ -623,23 +683,17 @@ class SparsifyPass:
         return ok
 
     def _batch_norm(self, node: ir.Node) -> bool:
+        """Inference BatchNorm is an exact per-channel affine map."""
         rep = self._rep(node.inputs[0])
         params = [_np(v) for v in node.inputs[1:5]]
-        if not isinstance(rep, Tiled) or any(p is None for p in params) or len(node.outputs) > 1 \
-                and any(o.uses() for o in node.outputs[1:]):
+        if any(p is None for p in params) or any(o.uses() for o in node.outputs[1:]):
             return False
         gamma, beta, mean, var = params
         eps = node.attributes.get_float("epsilon", 1e-5)
         a = (gamma / np.sqrt(var + eps)).astype(np.float32)
         bb = (beta - mean * a).astype(np.float32)
-        if rep.act != ACT_IDENTITY:
-            rep = Tiled(rep.grid, self._evaluate(rep), None, rep.channels)
-        scale = self._const(a, "bn_scale") if rep.scale is None else self._add("Mul", [rep.scale, self._const(a, "bn_scale")])
-        shift = self._const(bb, "bn_shift") if rep.shift is None else \
-            self._add("Add", [self._add("Mul", [rep.shift, self._const(a, "bn_scale")]), self._const(bb, "bn_shift")])
-        self.repr[node.outputs[0]] = Tiled(rep.grid, rep.tiles, rep.base, rep.channels, scale, shift, ACT_IDENTITY,
-                                           0.0, rep.dense_source)
-        return True
+        return self._through(node, rep, lambda t: self._compose(t, mul=self._const(a, "bn_scale"),
+                                                                add=self._const(bb, "bn_shift")))
 
     def _grid_of_output(self, node: ir.Node) -> Grid | None:
         return self.plan.grid_for(spatial_hw(node.outputs[0]))
