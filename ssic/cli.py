@@ -94,6 +94,9 @@ def _tag_model(path: Path, family: str, preset: str) -> None:
     os.close(fd)
     try:
         onnx.save(proto, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is ordinary data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -122,9 +122,10 @@ def _np(value: ir.Value | None) -> np.ndarray | None:
 class SparsifyPass:
     """Rewrite a model (in place) into its sparse graph; returns what the prime graph must output."""
 
-    def __init__(self, plan: SparsePlan, *, exact: bool = False) -> None:
+    def __init__(self, plan: SparsePlan, *, exact: bool = False, fuse_swish: bool = False) -> None:
         self.plan = plan
         self.exact = exact
+        self.fuse_swish = fuse_swish
 
     # ------------------------------------------------------------------ plumbing
     def __call__(self, model: ir.Model) -> SparsifyResult:
@@ -402,6 +403,11 @@ class SparsifyPass:
             decision.reason = "input is not a static [1, C, H, W] tensor"
             return False
         rep = self._gatherable(source_value, rep)
+        if isinstance(rep, Tiled) and rep.act == ACT_SWISH and rep.tiles is not None and not self.fuse_swish \
+                and source_value is node.inputs[0]:
+            # swish costs an exp per read and a gather reads each pixel k*k times: apply it once on
+            # the tiles and gather the activation's own cache instead
+            rep = self._cacheable(source_value, rep)
         if k == 1 and s == 1 and upsample == 1 and pad_top == 0 and pad_left == 0 and isinstance(rep, Tiled) \
                 and rep.grid == grid and rep.dense_source is None:
             x = self._evaluate(rep)
