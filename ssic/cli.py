@@ -30,16 +30,16 @@ def _log(msg: str, level: int = 1) -> None:
         click.echo(msg, err=True)
 
 
-def _parse_tiles(values: tuple[str, ...]) -> dict[str, int]:
+def _parse_tiles(values: tuple[str, ...], flag: str = "--tile-size") -> dict[str, int]:
     out = {}
     for v in values:
         if "=" not in v:
-            raise SSICError(f"--tile-size takes HxW=T (e.g. 256x256=8), got '{v}'")
+            raise SSICError(f"{flag} takes HxW=N (e.g. 256x256=2), got '{v}'")
         k, t = v.split("=", 1)
         try:
             out[k.strip()] = int(t)
         except ValueError:
-            raise SSICError(f"--tile-size: '{t}' is not an integer") from None
+            raise SSICError(f"{flag}: '{t}' is not an integer") from None
     return out
 
 
@@ -118,6 +118,9 @@ def _tag_model(path: Path, family: str, preset: str) -> None:
               help="Convs whose output min(H, W) >= this run sparse (DDIM/PD 64, GauGAN 16; default: model's).")
 @click.option("--tile", type=int, default=None, help="Tile size for every sparse resolution.")
 @click.option("--tile-size", "tile_sizes", multiple=True, metavar="HxW=T", help="Tile size per resolution (repeatable).")
+@click.option("--halo", type=int, default=None,
+              help="Grow every grid's active region by this many pixels (default: the model's, else 1).")
+@click.option("--halo-size", "halo_sizes", multiple=True, metavar="HxW=N", help="Halo per resolution (repeatable).")
 @click.option("--mask-eps", type=float, default=None, help="Difference threshold of the edit mask.")
 @click.option("--mask-radius", type=int, default=None, help="Dilation radius of the edit mask (pixels).")
 @click.option("--level-dilation", type=int, default=None, help="Dilation of each lower-resolution mask.")
@@ -126,7 +129,8 @@ def _tag_model(path: Path, family: str, preset: str) -> None:
 @click.option("--disable-pass", "disabled", multiple=True, help="Skip an optional pass (repeatable; see -v output).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res, tile, tile_sizes, mask_eps,
+def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res, tile, tile_sizes, halo, halo_sizes,
+                mask_eps,
                 mask_radius, level_dilation, fallback_ratio, disabled, force, as_json) -> None:
     """Compile an ONNX MODEL into a sparse-inference artefact (prime, mask and sparse graphs + manifest)."""
     from ssic.compiler import PIPELINES, compile_model
@@ -136,7 +140,9 @@ def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res
         lowering = lowering or PIPELINES[pipeline]["lowering"]
     lowering = lowering or "fused"
     out = compile_model(model, target=target, lowering=lowering, output_dir=output, exact=exact,
-                        sparse_min_res=sparse_min_res, tiles=_parse_tiles(tile_sizes), tile=tile, mask_eps=mask_eps,
+                        sparse_min_res=sparse_min_res, tiles=_parse_tiles(tile_sizes), tile=tile,
+                        halo=halo, halos=_parse_tiles(halo_sizes, "--halo-size") if halo_sizes else None,
+                        mask_eps=mask_eps,
                         mask_radius=mask_radius, level_dilation=level_dilation, fallback_ratio=fallback_ratio,
                         disabled_passes=set(disabled), force=force, log=lambda m: _log(m, 1))
     manifest = json.loads((out / "manifest.json").read_text())

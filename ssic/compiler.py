@@ -45,7 +45,11 @@ MODEL_DEFAULTS: dict[str, dict] = {
     # at a 1.2% edit with the same quality), see BENCHMARKS.md. --sparse-min-res 64 gives the anchor split.
     "ddim": {"sparse_min_res": 32, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1},
     "pd": {"sparse_min_res": 32, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1},
-    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2},
+    # GauGAN: the output inside the edit depends on the last three 3x3 convs at 256x512 and two at
+    # 128x256; growing the active region there by that much makes it exact inside the edit (measured
+    # 122 dB vs 30 dB with 1), at lower resolutions a halo of 1 is enough (BENCHMARKS.md).
+    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2,
+               "halos": {"256x512": 3, "128x256": 2}},
 }
 GENERIC_DEFAULTS = {"sparse_min_res": None, "mask_eps": 1e-6, "mask_radius": 1, "level_dilation": 1}
 
@@ -62,6 +66,7 @@ class CompileOptions:
     mask_radius: int | None = None
     level_dilation: int | None = None
     halo: int = 1
+    halos: dict[str, int] = field(default_factory=dict)
     fallback_ratio: float = 0.6
     disabled_passes: set[str] = field(default_factory=set)
 
@@ -127,7 +132,8 @@ def compile_model(
     mask_eps: float | None = None,
     mask_radius: int | None = None,
     level_dilation: int | None = None,
-    halo: int = 1,
+    halo: int | None = None,
+    halos: dict[str, int] | None = None,
     fallback_ratio: float = 0.6,
     disabled_passes: set[str] | None = None,
     force: bool = False,
@@ -168,10 +174,12 @@ def compile_model(
         mask_eps=mask_eps if mask_eps is not None else defaults["mask_eps"],
         mask_radius=mask_radius if mask_radius is not None else defaults["mask_radius"],
         level_dilation=level_dilation if level_dilation is not None else defaults["level_dilation"],
-        halo=halo, fallback_ratio=fallback_ratio, disabled_passes=set(disabled_passes or ()),
+        halo=1 if halo is None else halo,
+        halos=dict(halos) if halos is not None else (dict(defaults.get("halos", {})) if halo is None else {}),
+        fallback_ratio=fallback_ratio, disabled_passes=set(disabled_passes or ()),
     )
     if opts.exact:
-        opts.mask_radius, opts.halo = 0, 0
+        opts.mask_radius, opts.halo, opts.halos = 0, 0, {}
 
     model = ir.serde.deserialize_model(proto)
     check_static_batch1(model)
@@ -181,10 +189,11 @@ def compile_model(
         ts = time.perf_counter()
         result = p(model)
         log(f"pass {name}: {1000 * (time.perf_counter() - ts):.0f} ms, modified={result.modified}")
-    plan = plan_sparse_resolutions(model, min_res=opts.sparse_min_res, tiles=opts.tiles, default_tile_size=opts.tile)
+    plan = plan_sparse_resolutions(model, min_res=opts.sparse_min_res, tiles=opts.tiles, default_tile_size=opts.tile,
+                                   halos=opts.halos, default_halo=opts.halo)
     if not plan.grids:
         raise SSICError(f"no convolution at or above the sparse resolution {plan.min_res}; lower --sparse-min-res")
-    log("sparse grids: " + ", ".join(f"{g.name} (tile {g.tile})" for g in plan.grids.values()))
+    log("sparse grids: " + ", ".join(f"{g.name} (tile {g.tile}, halo {g.halo})" for g in plan.grids.values()))
     base_proto = ir.serde.serialize_model(model)
 
     # the sparse graph
@@ -284,7 +293,7 @@ def _manifest(proto, model, family, opts: CompileOptions, plan, grids, mask_hw, 
                  "channel_axis": 1, "eps": opts.mask_eps, "radius": opts.mask_radius,
                  "level_dilation": opts.level_dilation, "halo": opts.halo,
                  "mode": "exact" if opts.exact else "sige-pyramid"},
-        "grids": [{"name": g.name, "height": g.height, "width": g.width, "tile": g.tile, "cells": list(g.cells),
+        "grids": [{"name": g.name, "height": g.height, "width": g.width, "tile": g.tile, "halo": g.halo, "cells": list(g.cells),
                    "num_cells": g.num_cells, "tiles_input": g.tiles_input, "macs_per_tile": per_tile[g.name]}
                   for g in grids],
         "caches": [c.to_json() for c in result.caches],

@@ -22,6 +22,7 @@ class Grid:
     height: int
     width: int
     tile: int
+    halo: int = 1  # a cell is active when the mask touches it grown by this many pixels
 
     @property
     def name(self) -> str:
@@ -82,13 +83,13 @@ def check_static_batch1(model: ir.Model) -> None:
 
 
 def default_tile(height: int, width: int) -> int:
-    """Tile size for a resolution when the user gives none (see BENCHMARKS.md for the measurement)."""
-    side = min(height, width)
-    if side >= 256:
-        return 8
-    if side >= 128:
-        return 8
-    return 4
+    """Tile size for a resolution when the user gives none.
+
+    The conv after a gather is one MatMul over all active pixels, so its speed does not depend on the
+    tile size; smaller tiles only waste less area. 2 was fastest end to end on GauGAN (1 costs more in
+    gather bookkeeping than it saves), see BENCHMARKS.md.
+    """
+    return 2
 
 
 @dataclass
@@ -138,6 +139,8 @@ def plan_sparse_resolutions(
     min_res: int | None,
     tiles: dict[str, int] | None = None,
     default_tile_size: int | None = None,
+    halos: dict[str, int] | None = None,
+    default_halo: int = 1,
 ) -> SparsePlan:
     """Choose the sparse resolutions: every conv output resolution with ``min(H, W) >= min_res``.
 
@@ -165,7 +168,10 @@ def plan_sparse_resolutions(
         t = tiles.get(key) or default_tile_size or default_tile(*hw)
         if t < 1:
             raise SSICError(f"tile size for {key} must be >= 1, got {t}")
-        plan.grids[hw] = Grid(hw[0], hw[1], int(t))
+        halo = (halos or {}).get(key, default_halo)
+        if halo < 0:
+            raise SSICError(f"halo for {key} must be >= 0, got {halo}")
+        plan.grids[hw] = Grid(hw[0], hw[1], int(t), int(halo))
     return plan
 
 
