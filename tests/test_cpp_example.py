@@ -51,7 +51,8 @@ def serve() -> Path:
     if not exe.is_file():
         tmp = build.with_name(build.name + f".tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        for cmd in (["cmake", "-S", str(EXAMPLE), "-B", str(tmp), "-DCMAKE_BUILD_TYPE=Release"],
+        for cmd in (["cmake", "-S", str(EXAMPLE), "-B", str(tmp), "-DCMAKE_BUILD_TYPE=Release",
+                     "-DSSIC_SERVE_COPY_ORT=OFF"],
                     ["cmake", "--build", str(tmp), "-j", str(min(8, os.cpu_count() or 1))]):
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
             assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"

@@ -20,6 +20,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <iomanip>
 #include <map>
 #include <memory>
 #include <sstream>
@@ -495,6 +496,7 @@ int run(int argc, char** argv) {
   }
 
   std::ostringstream report;
+  report << std::fixed << std::setprecision(1);
   // 1. Prime on the original input: all outputs (model outputs + caches) stay resident as Ort::Values.
   auto t0 = std::chrono::steady_clock::now();
   Ort::Session& prime = rt.session("prime");
