@@ -229,11 +229,10 @@ def compile_model(
 
         mask_model = build_exact_mask_model(model, grids, mask_hw)
     else:
-        from ssic.passes.mask_pipeline import build_mask_model
+        from ssic.passes.build_mask import build_mask_graph
 
-        mask_model = build_mask_model(mask_hw, [(g.height, g.width, g.tile) for g in grids],
-                                      radius=int(opts.mask_radius), level_dilation=int(opts.level_dilation),
-                                      halo=opts.halo)
+        mask_model = build_mask_graph(mask_hw, grids, radius=int(opts.mask_radius),
+                                      level_dilation=int(opts.level_dilation))
 
     manifest = _manifest(proto, model, family, opts, plan, grids, mask_hw, result)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))

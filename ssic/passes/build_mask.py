@@ -1,0 +1,88 @@
+"""The default-mode mask graph: edit mask -> dilation -> SIGE's per-resolution pyramid -> active tiles.
+
+Mirrors :func:`ssic.masks.mask_pyramid` and :func:`ssic.masks.active_tiles` (the NumPy reference the
+tests compare it with) in stock ONNX ops, so the runtime (and TensorRT) computes the tiles of an
+edit without Python in the loop. Each grid has its own tile size and halo.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ssic.masks import PYRAMID_EPS, PYRAMID_THRESHOLD, nearest_source_level, pyramid_chain
+from ssic.passes.analysis import Grid
+
+
+class _Builder:
+    def __init__(self) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.n = 0
+
+    def name(self, hint: str) -> str:
+        self.n += 1
+        return f"{hint}_{self.n}"
+
+    def const(self, array: np.ndarray) -> str:
+        name = self.name("c")
+        self.inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], output: str | None = None, **attrs) -> str:
+        out = output or self.name(op_type)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=self.name(op_type), **attrs))
+        return out
+
+    def dilate(self, x: str, radius: int) -> str:
+        if radius <= 0:
+            return x
+        k = 2 * radius + 1
+        return self.op("MaxPool", [x], kernel_shape=[k, k], pads=[radius] * 4)
+
+
+def build_mask_graph(input_hw: tuple[int, int], grids: list[Grid], *, radius: int, level_dilation: int,
+                     opset: int = 18) -> onnx.ModelProto:
+    """Mask graph: input ``ssic.mask`` float32 ``[1, 1, H0, W0]`` -> ``ssic.tiles.<HxW>`` int64 ``[n, 2]`` per grid."""
+    b = _Builder()
+    full = b.dilate("ssic.mask", radius)
+    sizes = [(g.height, g.width) for g in grids]
+    chain = pyramid_chain(tuple(input_hw), sizes)
+    levels = {chain[0]: full}
+    cur = full
+    zero = b.const(np.array(0.0, np.float32))
+    cap = b.const(np.array(PYRAMID_THRESHOLD, np.float32))
+    eps = b.const(np.array(PYRAMID_EPS, np.float32))
+    for (h, w) in chain[1:]:
+        # 2x2 averaging of the previous level (an odd last row/column is dropped, as the reference does)
+        cropped = b.op("Slice", [cur, b.const(np.array([0, 0], np.int64)), b.const(np.array([2 * h, 2 * w], np.int64)),
+                                 b.const(np.array([2, 3], np.int64))])
+        halved = b.op("AveragePool", [cropped], kernel_shape=[2, 2], strides=[2, 2])
+        top = b.op("ReduceMax", [halved], keepdims=0)
+        thr = b.op("Max", [b.op("Min", [cap, b.op("Sub", [top, eps])]), zero])
+        cur = b.op("Cast", [b.op("Greater", [halved, thr])], to=TensorProto.FLOAT)
+        cur = b.dilate(cur, level_dilation)
+        levels[(h, w)] = cur
+    for grid in grids:
+        size = (grid.height, grid.width)
+        src = nearest_source_level(chain, size)
+        m = levels[src]
+        if src != size:
+            m = b.op("Resize", [m, "", "", b.const(np.array([1, 1, *size], np.int64))], mode="nearest",
+                     coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        t, halo = grid.tile, grid.halo
+        gh, gw = grid.cells
+        pads = [halo, halo, gh * t - grid.height + halo, gw * t - grid.width + halo]
+        pooled = b.op("MaxPool", [m], kernel_shape=[t + 2 * halo, t + 2 * halo], strides=[t, t], pads=pads)
+        active = b.op("Greater", [b.op("Squeeze", [pooled, b.const(np.array([0, 1], np.int64))]), zero])
+        idx = b.op("Transpose", [b.op("NonZero", [active])], perm=[1, 0])
+        b.op("Mul", [idx, b.const(np.array(t, np.int64))], output=grid.tiles_input)
+    g = helper.make_graph(
+        b.nodes, "ssic_mask",
+        [helper.make_tensor_value_info("ssic.mask", TensorProto.FLOAT, [1, 1, *input_hw])],
+        [helper.make_tensor_value_info(gr.tiles_input, TensorProto.INT64, [f"n_{gr.name}", 2]) for gr in grids],
+        b.inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="ssic")
+    model.ir_version = 10
+    return model
