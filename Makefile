@@ -5,7 +5,7 @@ TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
 TORCH_REQ := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)
 STAMP := build/.installed
 
-.PHONY: help install plugins demo test test-slow bench bench-sige goldens lint clean
+.PHONY: help install plugins demo test test-slow bench bench-sige goldens serve-example lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ bench-sige: $(STAMP) ## The SIGE engine side by side (installs sige 0.3.0 from P
 
 goldens: $(STAMP) ## Regenerate the golden outputs of the tiny presets in tests/golden
 	$(PYTHON) -m tests.make_goldens
+
+serve-example: ## Build the C++ serving example -> build/cpp/ssic_serve (fetches ONNX Runtime with npm once)
+	cmake -S examples/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release && cmake --build build/cpp -j
 
 lint: ## ruff
 	$(PYTHON) -m ruff check ssic tests bench
