@@ -42,9 +42,12 @@ class BuildPrimePass:
                     t = self._op("Transpose", [src], {"perm": [0, 2, 3, 1]})
                     out = self._op("Reshape", [t, self._const(np.array(cache.shape, np.int64))])
                 self._output(out, cache)
-            elif cache.kind == "gn_scale" and cache.name not in done_gn:
+            elif cache.kind in ("gn_scale", "gn_sum") and cache.name not in done_gn:
                 stats = self.gn_stats[cache.name]
-                scale, shift = self._group_norm_stats(src, stats)
+                if stats.incremental:
+                    scale, shift = self._channel_sums(src)
+                else:
+                    scale, shift = self._group_norm_stats(src, stats)
                 self._output(scale, cache)
                 shift_spec = next(c for c in self.caches if c.name == stats.shift_name)
                 self._output(shift, shift_spec)
@@ -54,7 +57,7 @@ class BuildPrimePass:
     def _output(self, value: ir.Value, cache: CacheSpec) -> None:
         value.name = cache.name
         value.shape = ir.Shape(cache.shape)
-        value.type = ir.TensorType(ir.DataType.FLOAT)
+        value.type = ir.TensorType(ir.DataType.DOUBLE if cache.dtype == "float64" else ir.DataType.FLOAT)
         self.graph.outputs.append(value)
 
     def _op(self, op_type: str, inputs, attrs=None) -> ir.Value:
@@ -71,6 +74,14 @@ class BuildPrimePass:
                          const_value=ir.tensor(array, name=name))
         self.graph.register_initializer(value)
         return value
+
+    def _channel_sums(self, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Per-channel sum and sum of squares of ``x`` in float64 (incremental GroupNorm statistics)."""
+        xd = self._op("Cast", [x], {"to": ir.DataType.DOUBLE})
+        axes = self._const(np.array([0, 2, 3], np.int64))
+        s1 = self._op("ReduceSum", [xd, axes], {"keepdims": 0})
+        s2 = self._op("ReduceSum", [self._op("Mul", [xd, xd]), axes], {"keepdims": 0})
+        return s1, s2
 
     def _group_norm_stats(self, x: ir.Value, stats: GroupNormStats) -> tuple[ir.Value, ir.Value]:
         c = stats.gamma.shape[0]
