@@ -55,7 +55,7 @@ def get_library_path() -> str:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _version_of(path: str) -> str:
     lib = ctypes.CDLL(path)
     fn = lib.SSIC_OrtLibraryVersion

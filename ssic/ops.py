@@ -187,7 +187,7 @@ def make_node(op: str, inputs: list[str], outputs: list[str], name: str | None =
         inputs.pop()
     if not spec.min_inputs <= len(inputs) <= spec.max_inputs:
         raise ValueError(f"{op}: expected {spec.min_inputs}..{spec.max_inputs} inputs, got {len(inputs)}")
-    for i, (value, ispec) in enumerate(zip(inputs, spec.inputs)):
+    for i, (value, ispec) in enumerate(zip(inputs, spec.inputs, strict=False)):
         if value == "" and not ispec.optional:
             raise ValueError(f"{op}: input {i} ({ispec.name}) is required")
     if len(outputs) != len(spec.outputs):

@@ -29,7 +29,7 @@ def reference(mask, sizes, grids, radius, level_dilation):
        radius=st.integers(0, 5), level_dilation=st.integers(0, 2))
 def test_mask_graph_matches_reference(which, seed, area, tile, halos, radius, level_dilation):
     hw, sizes = GRID_SETS[which]
-    grids = [Grid(h, w, tile, halo) for (h, w), halo in zip(sizes, halos)]
+    grids = [Grid(h, w, tile, halo) for (h, w), halo in zip(sizes, halos, strict=False)]
     if area == 1.0:
         mask = np.ones(hw, bool)
     elif area == 0.0:
@@ -39,7 +39,7 @@ def test_mask_graph_matches_reference(which, seed, area, tile, halos, radius, le
     model = build_mask_graph(hw, grids, radius=radius, level_dilation=level_dilation)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     outs = sess.run(None, {"ssic.mask": mask.astype(np.float32)[None, None]})
-    for got, want, g in zip(outs, reference(mask, sizes, grids, radius, level_dilation), grids):
+    for got, want, g in zip(outs, reference(mask, sizes, grids, radius, level_dilation), grids, strict=True):
         np.testing.assert_array_equal(got, want, err_msg=f"grid {g}")
 
 
