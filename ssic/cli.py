@@ -126,12 +126,14 @@ def _tag_model(path: Path, family: str, preset: str) -> None:
 @click.option("--level-dilation", type=int, default=None, help="Dilation of each lower-resolution mask.")
 @click.option("--fallback-ratio", type=float, default=0.6, show_default=True,
               help="Run dense when sparse MACs exceed this fraction of dense MACs.")
+@click.option("--gn-stats", type=click.Choice(["incremental", "cached"]), default="incremental", show_default=True,
+              help="GroupNorm statistics in sparse runs: corrected with the edited tiles, or the original's (SIGE).")
 @click.option("--disable-pass", "disabled", multiple=True, help="Skip an optional pass (repeatable; see -v output).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
 def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res, tile, tile_sizes, halo, halo_sizes,
                 mask_eps,
-                mask_radius, level_dilation, fallback_ratio, disabled, force, as_json) -> None:
+                mask_radius, level_dilation, fallback_ratio, gn_stats, disabled, force, as_json) -> None:
     """Compile an ONNX MODEL into a sparse-inference artefact (prime, mask and sparse graphs + manifest)."""
     from ssic.compiler import PIPELINES, compile_model
 
@@ -144,7 +146,7 @@ def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res
                         halo=halo, halos=_parse_tiles(halo_sizes, "--halo-size") if halo_sizes else None,
                         mask_eps=mask_eps,
                         mask_radius=mask_radius, level_dilation=level_dilation, fallback_ratio=fallback_ratio,
-                        disabled_passes=set(disabled), force=force, log=lambda m: _log(m, 1))
+                        gn_stats=gn_stats, disabled_passes=set(disabled), force=force, log=lambda m: _log(m, 1))
     manifest = json.loads((out / "manifest.json").read_text())
     sparse = sum(1 for layer in manifest["layers"] if layer["sparse"])
     summary = {"artefact": str(out), "target": target, "lowering": lowering, "sparse_convs": sparse,

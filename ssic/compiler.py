@@ -68,6 +68,7 @@ class CompileOptions:
     halo: int = 1
     halos: dict[str, int] = field(default_factory=dict)
     fallback_ratio: float = 0.6
+    gn_stats: str = "incremental"
     disabled_passes: set[str] = field(default_factory=set)
 
 
@@ -135,6 +136,7 @@ def compile_model(
     halo: int | None = None,
     halos: dict[str, int] | None = None,
     fallback_ratio: float = 0.6,
+    gn_stats: str = "incremental",
     disabled_passes: set[str] | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
@@ -149,6 +151,8 @@ def compile_model(
     log = log or (lambda msg: None)
     if target not in ("ort", "trt"):
         raise SSICError(f"unknown target '{target}' (choose ort or trt)")
+    if gn_stats not in ("incremental", "cached"):
+        raise SSICError(f"unknown gn_stats '{gn_stats}' (choose incremental or cached)")
     if lowering not in ("fused", "standard"):
         raise SSICError(f"unknown lowering '{lowering}' (choose fused or standard)")
     out = Path(output_dir) if output_dir is not None else Path(str(model_path)).with_suffix("").with_name(
@@ -201,7 +205,7 @@ def compile_model(
 
     ts = time.perf_counter()
     sparse = ir.serde.deserialize_model(base_proto)
-    result = SparsifyPass(plan, exact=opts.exact)(sparse)
+    result = SparsifyPass(plan, exact=opts.exact, gn_stats=opts.gn_stats)(sparse)
     n_sparse = sum(d.sparse for d in result.decisions)
     log(f"pass sparsify: {1000 * (time.perf_counter() - ts):.0f} ms, {n_sparse}/{len(result.decisions)} convs sparse, "
         f"{len(result.caches)} caches")
@@ -302,6 +306,7 @@ def _manifest(proto, model, family, opts: CompileOptions, plan, grids, mask_hw, 
         "layers": [d.to_json() for d in result.decisions],
         "sparse_min_res": plan.min_res,
         "fallback_ratio": opts.fallback_ratio,
+        "gn_stats": opts.gn_stats,
         "notes": result.notes,
     }
     if opts.lowering == "fused":
