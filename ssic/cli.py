@@ -354,11 +354,13 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(), default="out/demo", show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
-def demo(preset, steps, out_dir, threads) -> None:
+@click.option("--weights", type=click.Path(), default=None, help="The official DDIM church checkpoint (default: random weights).")
+def demo(preset, steps, out_dir, threads, weights) -> None:
     """The editing demo: SDEdit with DDIM over the denoising steps, dense vs sparse, on the church edit."""
     from ssic.demo import run_demo
 
-    run_demo(preset=preset, steps=steps, out_dir=Path(out_dir), threads=threads, log=lambda m: _log(m, 0))
+    run_demo(preset=preset, steps=steps, out_dir=Path(out_dir), threads=threads, log=lambda m: _log(m, 0),
+             weights=weights)
 
 
 def main(argv: list[str] | None = None) -> None:

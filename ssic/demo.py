@@ -32,19 +32,25 @@ def _inputs(size: int, radius_eps: float):
     return np.clip(a, -1, 1), np.clip(b, -1, 1), "a generated image with a 5% brush-stroke edit (../shared absent)"
 
 
-def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/demo"), threads: int = 2, log=print) -> dict:
-    """Run the demo; returns the SDEdit result dict (see :func:`ssic.editing.sdedit`)."""
+def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/demo"), threads: int = 2, log=print,
+             weights: str | None = None) -> dict:
+    """Run the demo; returns the SDEdit result dict (see :func:`ssic.editing.sdedit`).
+
+    ``weights`` is the official DDIM church checkpoint; without it the UNet has seeded random weights
+    and the generated images are noise (the dense-vs-sparse comparison is what the demo shows).
+    """
     import ssic
     from ssic.cli import _tag_model
     from ssic.editing import model_to_image, sdedit
     from ssic.models import export_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"ddim_{preset}.onnx"
-    art = out_dir / f"ddim_{preset}.ssic"
+    tag = f"ddim_{preset}" + ("_ckpt" if weights else "")
+    onnx_path = out_dir / f"{tag}.onnx"
+    art = out_dir / f"{tag}.ssic"
     if not onnx_path.exists():
-        log(f"exporting the DDIM UNet ({preset}) to {onnx_path}")
-        export_model("ddim", preset, onnx_path, seed=0)
+        log(f"exporting the DDIM UNet ({preset}, {'weights ' + str(weights) if weights else 'random weights'}) to {onnx_path}")
+        export_model("ddim", preset, onnx_path, seed=0, weights=weights)
         _tag_model(onnx_path, "ddim", preset)
     if not (art / "manifest.json").exists():
         log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
@@ -59,12 +65,21 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
     from PIL import Image
 
     tiles = [model_to_image(x) for x in (a, b, result["dense"], result["sparse"])]
+    diff = np.abs(result["sparse"] - result["dense"]).max(axis=1)[0]
+    tiles.append(np.repeat(np.clip(diff * 10 * 255, 0, 255).astype(np.uint8)[..., None], 3, axis=2))
     Image.fromarray(model_to_image(result["dense"])).save(out_dir / "dense.png")
     Image.fromarray(model_to_image(result["sparse"])).save(out_dir / "sparse.png")
     Image.fromarray(np.concatenate(tiles, axis=1)).save(out_dir / "side_by_side.png")
     q = result["quality"]
+    def db(v):
+        return "identical" if v == float("inf") else f"{v:.1f} dB"
+
     log(f"dense loop {result['dense_s']:.2f} s, sparse loop {result['sparse_s']:.2f} s "
-        f"({result['dense_s'] / result['sparse_s']:.2f}x); PSNR sparse vs dense {q['psnr']:.1f} dB "
-        f"(inside the edit {q['psnr_in']:.1f} dB, outside {q['psnr_out']:.1f} dB)")
-    log(f"wrote {out_dir}/dense.png, sparse.png, side_by_side.png (original | edited | dense | sparse)")
+        f"({result['dense_s'] / result['sparse_s']:.2f}x); PSNR sparse vs dense {db(q['psnr'])} "
+        f"(inside the edit {db(q['psnr_in'])}, outside {db(q['psnr_out'])})")
+    log(f"wrote {out_dir}/dense.png, sparse.png, side_by_side.png (original | edited | dense | sparse | "
+        "|sparse - dense| x10)")
+    if not weights:
+        log("note: the UNet has seeded random weights (no checkpoint can be downloaded here), so the generated "
+            "images are noise; pass --weights with the official DDIM church checkpoint for real images")
     return result
