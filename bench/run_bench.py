@@ -72,10 +72,26 @@ def real_edit(name: str, sess):
     pair = load_edit_pair("church")
     if pair is None:
         return None
-    t = np.array([500.0 if name == "ddim" else 0.5], np.float32)
     a = pair["original"].transpose(2, 0, 1)[None].astype(np.float32)
     b = pair["edited"].transpose(2, 0, 1)[None].astype(np.float32)
-    return {"x": a, "t": t}, {"x": b, "t": t}, None, "real church edit"
+    mask = (np.abs(a - b) > float(sess.mask_spec["eps"])).any(axis=1)[0]
+    t, xa, xb = _noised(name, a, b)
+    return {"x": xa, "t": t}, {"x": xb, "t": t}, mask, "real church edit"
+
+
+def _noised(name: str, a: np.ndarray, b: np.ndarray | None = None):
+    """The UNet's input in an SDEdit step at mid strength: the image noised to t=500 (PD: t=0.5)."""
+    noise = np.random.default_rng(0).standard_normal(a.shape).astype(np.float32)
+    if name == "ddim":
+        from ssic.editing import DDIMSchedule
+
+        alpha, t = DDIMSchedule().alpha(500), 500.0
+    else:
+        alpha, t = float(np.cos(0.5 * np.pi * 0.5) ** 2), 0.5
+    def mix(x):
+        return None if x is None else (np.sqrt(alpha) * x + np.sqrt(1 - alpha) * noise).astype(np.float32)
+
+    return np.array([t], np.float32), mix(a), mix(b)
 
 
 def base_inputs(name: str):
@@ -84,9 +100,9 @@ def base_inputs(name: str):
     inputs = example_inputs(name, "full", seed=0)
     if name in ("ddim", "pd"):
         pair = load_edit_pair("church")
-        if pair is not None:
-            inputs["x"] = pair["original"].transpose(2, 0, 1)[None].astype(np.float32)
-        inputs["t"] = np.array([500.0 if name == "ddim" else 0.5], np.float32)
+        img = pair["original"].transpose(2, 0, 1)[None].astype(np.float32) if pair is not None else \
+            np.clip(inputs["x"] * 0.5, -1, 1)
+        inputs["t"], inputs["x"], _ = _noised(name, img)
     return inputs
 
 

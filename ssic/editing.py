@@ -130,7 +130,7 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
         xa, xb = image_to_model(a, (h, w)), image_to_model(b, (h, w))
         if mask is None:
             mask = (np.abs(xa - xb) > float(session.mask_spec["eps"])).any(axis=1)[0]
-        mask = _fit_mask(mask, h, w)
+        mask = _fit_mask(mask, h, w, session)
         result = sdedit(session, xa, xb, mask, steps=steps, strength=strength, seed=seed, log=log)
         return {"sparse": result["sparse"], "summary": f"{steps} steps, sparse {result['sparse_s']:.2f} s vs dense "
                 f"{result['dense_s']:.2f} s, PSNR {result['quality']['psnr']:.1f} dB"}
@@ -146,14 +146,16 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
         inputs_b = {**(extra or {}), session.mask_spec["source_input"]: np.asarray(b, np.float32)}
     session.prime(inputs_a)
     start = time.perf_counter()
-    out = session.edit(inputs_b, mask=None if mask is None else _fit_mask(mask, h, w))
+    out = session.edit(inputs_b, mask=None if mask is None else _fit_mask(mask, h, w, session))
     secs = time.perf_counter() - start
     st = session.last
     return {"sparse": out[session.output_names[0]],
             "summary": f"{st.mode} run in {1000 * secs:.0f} ms, {100 * st.active_fraction:.1f}% tiles active"}
 
 
-def _fit_mask(mask, h, w) -> np.ndarray:
+def _fit_mask(mask, h, w, session=None) -> np.ndarray:
+    if session is not None:
+        return session._mask_array(mask)
     m = np.asarray(mask)
     if m.shape != (h, w):
         raise SSICError(f"mask has shape {list(m.shape)}, expected [{h}, {w}]")

@@ -57,7 +57,10 @@ def get_library_path() -> str:
 
 @functools.cache
 def _version_of(path: str) -> str:
-    lib = ctypes.CDLL(path)
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        raise SSICError(f"{path} is not a loadable op library ({exc}); rebuild it with `pip install -e .`") from None
     fn = lib.SSIC_OrtLibraryVersion
     fn.restype = ctypes.c_char_p
     fn.argtypes = []

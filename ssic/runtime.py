@@ -228,6 +228,8 @@ class Session:
         ``mode`` is "auto" (dense fallback when sparse would not pay), "sparse" or "dense".
         """
         t0 = time.perf_counter()
+        if mode not in ("auto", "sparse", "dense"):
+            raise SSICError(f"unknown mode '{mode}' (auto, sparse or dense)")
         state = self._state(cache_id)
         arrays = self._check_inputs(inputs)
         src = self.mask_spec.get("source_input")
@@ -250,8 +252,6 @@ class Session:
         stats.macs = sparse_macs(self.manifest, stats.active_tiles)
         use_dense = mode == "dense" or (
             mode == "auto" and stats.macs > float(self.manifest.get("fallback_ratio", 0.6)) * stats.macs_dense)
-        if mode not in ("auto", "sparse", "dense"):
-            raise SSICError(f"unknown mode '{mode}' (auto, sparse or dense)")
         if use_dense:
             out = self.dense(arrays)
             stats.mode = "dense"

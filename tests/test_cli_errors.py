@@ -315,8 +315,6 @@ def test_negative_tile_rejected(net, tmp_path):
     no_leftovers(tmp_path, "o")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: tile=0 (--tile 0) is silently replaced by the default tile 2 "
-                   "(`tile or default` in the planner) instead of being rejected like negative tiles")
 def test_zero_tile_rejected(net, tmp_path):
     with pytest.raises(SSICError, match="must be >= 1"):
         ssic.compile(net["onnx"], output_dir=tmp_path / "o", exact=True, tile=0)
@@ -374,8 +372,6 @@ def test_output_dir_under_a_regular_file_cli(net, tmp_path):
     no_leftovers(tmp_path, "plain.txt/o.ssic")
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: ssic.compile(output_dir=<regular file>/o.ssic) raises "
-                   "NotADirectoryError from tempfile.mkdtemp, not SSICError (the parent check only tests exists())")
 def test_output_dir_under_a_regular_file_python(net, tmp_path):
     f = tmp_path / "plain.txt"
     f.write_text("x")
@@ -558,8 +554,6 @@ def test_op_library_that_is_not_the_library_cli(net, tmp_path):
     assert_one_line_error(run_cli("bench", net["art"], "--runs", 1, env={"SSIC_ORT_LIBRARY": str(fake)}))
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: SSIC_ORT_LIBRARY pointing at a file that is not a loadable library: "
-                   "ssic.load raises OSError from ctypes.CDLL (library._version_of), not SSICError")
 def test_op_library_that_is_not_the_library_python(net, tmp_path, monkeypatch):
     fake = tmp_path / "libfake.so"
     fake.write_bytes(b"\x7fELF not really")
@@ -661,8 +655,6 @@ def test_bad_mode_keeps_the_session(primed):
     assert_session_usable(primed)
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a bad mode with an empty mask is not rejected: edit(mode='fast') "
-                   "returns the cached output because the mode check comes after the empty-mask shortcut")
 def test_bad_mode_with_empty_mask_rejected(primed):
     with pytest.raises(SSICError, match="unknown mode"):
         primed["sess"].edit({"x": primed["x"]}, mode="fast")
@@ -711,12 +703,8 @@ EDIT_CASES = [
     ("a.npy", "inf.npy", [], "non-finite"),
     ("nan.npy", "b.npy", [], "non-finite"),
     ("a.npy", "b.npy", ["--mask", "mask_bad_shape.npy"], "mask has shape"),
-    pytest.param("a.npy", "b.npy", ["--mask", "mask_strings.npy"], "dtype", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: `ssic edit --mask` of strings is accepted as an all-ones mask (editing._fit_mask "
-        "does `m != 0` without the dtype check of Session._mask_array); exit 0, a dense run")),
-    pytest.param("a.npy", "b.npy", ["--mask", "mask_nan.npy"], "non-finite", marks=pytest.mark.xfail(
-        strict=True, reason="BUG: `ssic edit --mask` with NaN values is accepted (NaN != 0 -> all ones); "
-        "exit 0, a dense run, no 'non-finite' error as in Session._mask_array")),
+    ("a.npy", "b.npy", ["--mask", "mask_strings.npy"], "dtype"),
+    ("a.npy", "b.npy", ["--mask", "mask_nan.npy"], "non-finite"),
     ("a.npy", "b.npy", ["--mask", "missing.npy"], "mask file not found"),
     ("missing.npy", "b.npy", [], "original file not found"),
     ("pickled.npy", "b.npy", [], "cannot read original"),

@@ -165,7 +165,9 @@ def plan_sparse_resolutions(
         if min(hw) < min_res:
             continue
         key = f"{hw[0]}x{hw[1]}"
-        t = tiles.get(key) or default_tile_size or default_tile(*hw)
+        t = tiles.get(key)
+        if t is None:
+            t = default_tile_size if default_tile_size is not None else default_tile(*hw)
         if t < 1:
             raise SSICError(f"tile size for {key} must be >= 1, got {t}")
         halo = (halos or {}).get(key, default_halo)
