@@ -21,7 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _session(op: str, inputs: tuple[str, ...], attrs: tuple, threads: int = 2) -> ort.InferenceSession:
     """A single-node model of ``op`` (inputs named as given, "" = omitted), cached per signature."""
     node = ops.make_node(op, list(inputs), ["out"], **dict(attrs))
