@@ -160,8 +160,10 @@ def compile_model(
     if out.exists() and not force:
         raise SSICError(f"output directory {out} exists (use --force to replace it)")
     parent = out.resolve().parent
+    if not parent.exists():
+        raise SSICError(f"cannot write {out}: directory {parent} does not exist")
     if not parent.is_dir():
-        raise SSICError(f"cannot write {out}: {parent} is not an existing directory")
+        raise SSICError(f"cannot write {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise SSICError(f"cannot write {out}: directory {parent} is not writable")
 
