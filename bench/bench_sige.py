@@ -292,11 +292,19 @@ def main(argv=None) -> int:
         doc["results"] = [r for r in doc["results"] if (r["model"], r["edit"]) != key]
         keep = row
         for p in prev:
+            if (p.get("sige_ms_all"), p.get("torch_dense_ms_all")) == (keep.get("sige_ms_all"), keep.get("torch_dense_ms_all")):
+                continue  # the same run read twice
             lose = p if p["torch_dense_ms"] >= keep["torch_dense_ms"] else keep
             keep = keep if lose is p else p
             keep["other_runs"] = keep.get("other_runs", []) + lose.get("other_runs", []) + [
                 {k: lose[k] for k in ("sige_ms", "torch_dense_ms", "sige_ms_min", "torch_dense_ms_min",
                                       "load_average_1min") if k in lose}]
+        if "other_runs" in keep:
+            seen = []
+            for o in keep["other_runs"]:
+                if o not in seen:
+                    seen.append(o)
+            keep["other_runs"] = seen
         doc["results"].append(keep)
 
     for extra in args.merge_from:
