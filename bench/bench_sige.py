@@ -98,20 +98,29 @@ def _gaugan_real(cfg):
     return {"seg": sa}, {"seg": sb}, mask
 
 
-def _brush(name, area):
-    from ssic.masks import brush_stroke_mask
+def _brush(name, area, seed=7, base="sdedit", preset="full"):
+    from ssic.masks import brush_stroke_mask, load_edit_pair
     from ssic.models import example_inputs
 
-    inputs = {k: np.asarray(v, np.float32) for k, v in example_inputs(name, "full", seed=0).items()}
+    inputs = {k: np.asarray(v, np.float32) for k, v in example_inputs(name, preset, seed=0).items()}
+    if name == "ddim" and base == "sdedit":  # as bench/run_bench.py: the church image noised to t=500
+        pair = load_edit_pair("church")
+        img = pair["original"].transpose(2, 0, 1)[None].astype(np.float32) if pair is not None else \
+            np.clip(inputs["x"] * 0.5, -1, 1)
+        alpha = float(np.cumprod(1.0 - np.linspace(1e-4, 0.02, 1000, dtype=np.float64))[DDIM_T])
+        noise = np.random.default_rng(0).standard_normal(img.shape).astype(np.float32)
+        inputs["x"] = (np.sqrt(alpha) * img + np.sqrt(1 - alpha) * noise).astype(np.float32)
+        inputs["t"] = np.array([float(DDIM_T)], np.float32)
     src = "seg" if name == "gaugan" else "x"
     h, w = inputs[src].shape[2:]
-    mask = brush_stroke_mask(h, w, area, seed=0)
+    mask = brush_stroke_mask(h, w, area, seed=seed)
     try:  # the main benchmark's edit, when that module is there
         from ssic.bench import edited_inputs
 
-        edited = edited_inputs({"mask": {"source_input": src}, "model": {"family": name}}, inputs, mask, seed=1)
+        edited = edited_inputs({"mask": {"source_input": src}, "model": {"family": name}}, inputs, mask,
+                               seed=seed + 1)
     except ImportError:
-        rng = np.random.default_rng(1)
+        rng = np.random.default_rng(seed + 1)
         x = inputs[src].copy()
         if name == "gaugan":
             labels = x[0, :-1].argmax(0)
@@ -238,6 +247,11 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--preset", default="full")
+    ap.add_argument("--brush-seed", type=int, default=7,
+                    help="brush mask seed (the edited input uses seed + 1); 7 as bench/run_bench.py")
+    ap.add_argument("--brush-base", choices=("sdedit", "example"), default="sdedit",
+                    help="DDIM brush base input: the church image noised to t=500 (as bench/run_bench.py) "
+                         "or ssic.models.example_inputs")
     ap.add_argument("--merge-from", action="append", default=[], metavar="JSON",
                     help="also merge the rows of this earlier result file (with the --merge rule); repeatable")
     ap.add_argument("--merge", action="store_true",
@@ -270,6 +284,8 @@ def main(argv=None) -> int:
         "runs": args.runs,
         "statistic": "median",
         "command": "python bench/bench_sige.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "brush_seed": args.brush_seed,
+        "brush_base": args.brush_base,
         "load_average_at_start": [round(v, 2) for v in os.getloadavg()],
         "results": [],
     }
@@ -331,7 +347,7 @@ def main(argv=None) -> int:
                     continue
             else:
                 area = float(e) / 100.0
-                case = _brush(name, area)
+                case = _brush(name, area, args.brush_seed, args.brush_base, args.preset)
                 label = f"brush{e}"
             original, edited, mask = case
             log(f"  {label}: edited area {100 * mask.mean():.2f}%")
