@@ -274,6 +274,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--sdedit-steps", type=int, default=5)
     ap.add_argument("--anchor-split", action="store_true", help="also DDIM/PD with the anchor's >= 64 sparse split")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of models not re-run from bench/results/results.json")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -287,7 +289,15 @@ def main() -> None:
         rows += run_model(name, out, args.runs, log)
         if args.anchor_split and name in ("ddim", "pd"):
             rows += run_model(name, out, args.runs, log, {"sparse_min_res": 64}, "_anchor-split")
-    sd = run_sdedit(out, args.sdedit_steps, log) if "ddim" in args.models else None
+    sd = run_sdedit(out, args.sdedit_steps, log) if "ddim" in args.models.split(",") else None
+    previous = REPO / "bench" / "results" / "results.json"
+    if args.merge and previous.exists():
+        old = json.loads(previous.read_text())
+        redone = {(r["model"], r["variant"]) for r in rows}
+        rows = [r for r in old["rows"] if (r["model"], r["variant"]) not in redone] + rows
+        order = {"gaugan": 0, "ddim": 1, "pd": 2}
+        rows.sort(key=lambda r: (order.get(r["model"], 9), r["variant"] != "default"))
+        sd = sd or old.get("sdedit")
     results = {"machine": machine(), "runs": args.runs, "rows": rows, "sdedit": sd,
                "date": time.strftime("%Y-%m-%d"), "seconds": time.time() - t0}
     (out / "results.json").write_text(json.dumps(results, indent=1))
