@@ -682,12 +682,14 @@ class SparsifyPass:
         if grid.height % grid.tile or grid.width % grid.tile:
             valid = self._valid_rows(grid)
             new, old = self._add("Mul", [new, valid]), self._add("Mul", [old, valid])
-        new_d = self._add("Cast", [new], {"to": ir.DataType.DOUBLE})
-        old_d = self._add("Cast", [old], {"to": ir.DataType.DOUBLE})
+        # four float32 reductions over the [M, C] tiles; only the [C] results go to float64
         axis0 = self._const(np.array([0], np.int64), "axis0")
-        d1 = self._add("ReduceSum", [self._add("Sub", [new_d, old_d]), axis0], {"keepdims": 0})
-        d2 = self._add("ReduceSum", [self._add("Sub", [self._add("Mul", [new_d, new_d]), self._add("Mul", [old_d, old_d])]),
-                                     axis0], {"keepdims": 0})
+
+        def total(op: str, x: ir.Value) -> ir.Value:
+            return self._add("Cast", [self._add(op, [x, axis0], {"keepdims": 0})], {"to": ir.DataType.DOUBLE})
+
+        d1 = self._add("Sub", [total("ReduceSum", new), total("ReduceSum", old)])
+        d2 = self._add("Sub", [total("ReduceSumSquare", new), total("ReduceSumSquare", old)])
         cpg = c // groups
         per_group = self._const(np.array([groups, cpg], np.int64), "gshape")
         axis1 = self._const(np.array([1], np.int64), "axis1")
