@@ -32,7 +32,7 @@ test-slow: $(STAMP) ## Tests on the full-size models too (slow)
 	SSIC_SLOW=1 $(PYTHON) -m pytest -q -p no:cacheprovider tests
 
 bench: $(STAMP) ## Full-size benchmarks -> BENCHMARKS.md (long: tens of minutes)
-	$(PYTHON) bench/run_bench.py --out bench_out --report BENCHMARKS.md
+	$(PYTHON) bench/run_bench.py --out bench_out --report BENCHMARKS.md --anchor-split
 
 bench-sige: $(STAMP) ## The SIGE engine side by side (installs sige 0.3.0 from PyPI; not in CI)
 	bash bench/install_sige.sh
