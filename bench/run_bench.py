@@ -180,6 +180,7 @@ def run_sdedit(out: Path, steps: int, log) -> dict | None:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -197,6 +198,11 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
+        ax.set_xticks([1, 2, 5, 10, 20, 30], ["1", "2", "5", "10", "20", "30"])
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ticks = [1, 2, 3, 5, 8, 12, 16]
+        ax.set_yticks(ticks, [str(t) for t in ticks])
         ax.set_xlabel("edited area (% of pixels, before dilation)")
         ax.set_title(name)
         ax.legend()
@@ -262,6 +268,8 @@ def report(results: dict, path: Path, cmd: str) -> None:
                          and (r["edit"].startswith(want) if want == "real" else r["edit"] == want)]
                 r = match[0] if match else None
                 ratio = f"**{e['sige_ms'] / r['sparse_ms']:.1f}x faster**" if r and e.get("sige_ms") else "-"
+                if e.get("noisy") or (e.get("load_average_1min") or 0) > 2.5:
+                    ratio += f" (SIGE measured under load {e.get('load_average_1min')}: unreliable)"
                 lines.append(f"| {e.get('model')} | {label} | {fmt(e.get('sige_ms'), 0)} | {fmt(e.get('torch_dense_ms'), 0)} | "
                              f"{fmt(e.get('sige_speedup_vs_torch_dense'), 2)}x | {fmt(r['sparse_ms'] if r else None, 0)} | "
                              f"{fmt(r['dense_ms'] if r else None, 0)} | {fmt(r['speedup'] if r else None, 2)}x | {ratio} |")
@@ -289,6 +297,7 @@ def main() -> None:
     t0 = time.time()
     if args.report_only:
         results = json.loads((REPO / "bench" / "results" / "results.json").read_text())
+        plot(results["rows"], REPO / "bench" / "results" / "speedup.png")
         report(results, Path(args.report), results.get("command", "python bench/run_bench.py"))
         return
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ssic.errors import SSICError
+from ssic.models import MODEL_NAMES, PRESETS  # one definition, in the light package module
 
 __all__ = [
     "MODEL_NAMES",
@@ -37,10 +38,6 @@ __all__ = [
     "model_config",
     "initialize",
 ]
-
-MODEL_NAMES: tuple[str, ...] = ("ddim", "pd", "gaugan")
-PRESETS: tuple[str, ...] = ("full", "tiny")
-
 
 def _check(name: str, preset: str) -> None:
     if name not in MODEL_NAMES:
