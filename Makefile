@@ -1,8 +1,8 @@
 # ssic — make help lists the targets.
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-TORCH_WHEEL := $(firstword $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl))
-TORCH_REQ := $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu)
+# pinned: an unpinned torch pulls a multi-GB CUDA build; the CPU build of 2.13.0 is what ssic is tested with
+TORCH_REQ ?= torch==2.13.0
 STAMP := build/.installed
 
 .PHONY: help install plugins demo test test-slow bench bench-sige goldens serve-example lint clean
