@@ -29,17 +29,11 @@ if(SSIC_ORT_INCLUDE_DIR)
   return()
 endif()
 
-if(DEFINED ENV{SSIC_CACHE_DIR} AND NOT "$ENV{SSIC_CACHE_DIR}" STREQUAL "")
-  set(_ssic_cache "$ENV{SSIC_CACHE_DIR}")
-elseif(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
-  set(_ssic_cache "$ENV{XDG_CACHE_HOME}/ssic")
-else()
-  set(_ssic_cache "$ENV{HOME}/.cache/ssic")
-endif()
+include("${CMAKE_CURRENT_LIST_DIR}/SsicNpmFetch.cmake")
+ssic_cache_dir(_ssic_cache)
 set(_ssic_dir "${_ssic_cache}/ort-headers-${SSIC_ORT_NPM_VERSION}")
 set(_ssic_stamp "${_ssic_dir}/sha256.txt")
 
-file(MAKE_DIRECTORY "${_ssic_cache}")
 # Concurrent builds (pip and a sanitizer build, say) share the cache: serialise the fetch.
 file(LOCK "${_ssic_cache}/ort-headers.lock" GUARD FILE TIMEOUT 600)
 
@@ -53,32 +47,9 @@ if(EXISTS "${_ssic_stamp}")
 endif()
 
 if(NOT _ssic_have)
-  find_program(SSIC_NPM npm)
-  if(NOT SSIC_NPM)
-    message(FATAL_ERROR
-      "ssic: npm not found; it is needed once to fetch the ONNX Runtime headers "
-      "(${SSIC_ORT_NPM_PACKAGE}@${SSIC_ORT_NPM_VERSION}). Install node/npm, or pass "
-      "-DSSIC_ORT_INCLUDE_DIR=<dir with onnxruntime_cxx_api.h> (pip: --config-settings=cmake.define.SSIC_ORT_INCLUDE_DIR=...)")
-  endif()
   set(_ssic_tmp "${_ssic_cache}/tmp-ort-headers")
-  file(REMOVE_RECURSE "${_ssic_tmp}")
-  file(MAKE_DIRECTORY "${_ssic_tmp}")
-  message(STATUS "ssic: fetching ${SSIC_ORT_NPM_PACKAGE}@${SSIC_ORT_NPM_VERSION} with npm pack (~150 MB)")
-  execute_process(
-    COMMAND "${SSIC_NPM}" pack "${SSIC_ORT_NPM_PACKAGE}@${SSIC_ORT_NPM_VERSION}" --silent
-    WORKING_DIRECTORY "${_ssic_tmp}"
-    RESULT_VARIABLE _ssic_rc OUTPUT_VARIABLE _ssic_out ERROR_VARIABLE _ssic_err)
-  set(_ssic_tgz "${_ssic_tmp}/${SSIC_ORT_NPM_PACKAGE}-${SSIC_ORT_NPM_VERSION}.tgz")
-  if(NOT _ssic_rc EQUAL 0 OR NOT EXISTS "${_ssic_tgz}")
-    message(FATAL_ERROR "ssic: `npm pack ${SSIC_ORT_NPM_PACKAGE}@${SSIC_ORT_NPM_VERSION}` failed (${_ssic_rc}): ${_ssic_err}")
-  endif()
-  file(SHA256 "${_ssic_tgz}" _ssic_sha)
-  if(NOT _ssic_sha STREQUAL SSIC_ORT_NPM_SHA256)
-    file(REMOVE_RECURSE "${_ssic_tmp}")
-    message(FATAL_ERROR
-      "ssic: sha256 mismatch for ${SSIC_ORT_NPM_PACKAGE}-${SSIC_ORT_NPM_VERSION}.tgz: "
-      "got ${_ssic_sha}, expected ${SSIC_ORT_NPM_SHA256}. Refusing to use it.")
-  endif()
+  ssic_npm_pack("${SSIC_ORT_NPM_PACKAGE}" "${SSIC_ORT_NPM_VERSION}" "${SSIC_ORT_NPM_SHA256}" "${_ssic_tmp}" _ssic_tgz
+    "Install node/npm, or pass -DSSIC_ORT_INCLUDE_DIR=<dir with onnxruntime_cxx_api.h> (pip: --config-settings=cmake.define.SSIC_ORT_INCLUDE_DIR=...)")
   file(ARCHIVE_EXTRACT INPUT "${_ssic_tgz}" DESTINATION "${_ssic_tmp}/x"
        PATTERNS "${_ssic_ort_headers_in_tgz}/*.h")
   file(GLOB _ssic_headers "${_ssic_tmp}/x/${_ssic_ort_headers_in_tgz}/*.h")

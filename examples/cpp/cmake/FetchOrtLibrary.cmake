@@ -33,18 +33,12 @@ else()
     message(FATAL_ERROR "ssic: no npm ONNX Runtime for ${CMAKE_SYSTEM_PROCESSOR}; pass -DSSIC_ORT_LIBRARY=<libonnxruntime>")
   endif()
 
-  if(DEFINED ENV{SSIC_CACHE_DIR} AND NOT "$ENV{SSIC_CACHE_DIR}" STREQUAL "")
-    set(_ssic_cache "$ENV{SSIC_CACHE_DIR}")
-  elseif(DEFINED ENV{XDG_CACHE_HOME} AND NOT "$ENV{XDG_CACHE_HOME}" STREQUAL "")
-    set(_ssic_cache "$ENV{XDG_CACHE_HOME}/ssic")
-  else()
-    set(_ssic_cache "$ENV{HOME}/.cache/ssic")
-  endif()
+  include("${CMAKE_CURRENT_LIST_DIR}/../../../cmake/SsicNpmFetch.cmake")
+  ssic_cache_dir(_ssic_cache)
   set(_ssic_dir "${_ssic_cache}/ort-node-${SSIC_ORT_NODE_VERSION}/${_ssic_arch}")
   set(_ssic_stamp "${_ssic_dir}/sha256.txt")
   set(SSIC_ORT_LIBRARY_FILE "${_ssic_dir}/libonnxruntime.so.1")
 
-  file(MAKE_DIRECTORY "${_ssic_cache}")
   file(LOCK "${_ssic_cache}/ort-node.lock" GUARD FILE TIMEOUT 600)
 
   set(_ssic_have FALSE)
@@ -57,31 +51,9 @@ else()
   endif()
 
   if(NOT _ssic_have)
-    find_program(SSIC_NPM npm)
-    if(NOT SSIC_NPM)
-      message(FATAL_ERROR
-        "ssic: npm not found; it is needed once to fetch libonnxruntime (onnxruntime-node@${SSIC_ORT_NODE_VERSION}). "
-        "Install node/npm or pass -DSSIC_ORT_LIBRARY=<path to libonnxruntime.so>")
-    endif()
     set(_ssic_tmp "${_ssic_cache}/tmp-ort-node")
-    file(REMOVE_RECURSE "${_ssic_tmp}")
-    file(MAKE_DIRECTORY "${_ssic_tmp}")
-    message(STATUS "ssic: fetching onnxruntime-node@${SSIC_ORT_NODE_VERSION} with npm pack (~110 MB)")
-    execute_process(
-      COMMAND "${SSIC_NPM}" pack "onnxruntime-node@${SSIC_ORT_NODE_VERSION}" --silent
-      WORKING_DIRECTORY "${_ssic_tmp}"
-      RESULT_VARIABLE _ssic_rc OUTPUT_VARIABLE _ssic_out ERROR_VARIABLE _ssic_err)
-    set(_ssic_tgz "${_ssic_tmp}/onnxruntime-node-${SSIC_ORT_NODE_VERSION}.tgz")
-    if(NOT _ssic_rc EQUAL 0 OR NOT EXISTS "${_ssic_tgz}")
-      message(FATAL_ERROR "ssic: `npm pack onnxruntime-node@${SSIC_ORT_NODE_VERSION}` failed (${_ssic_rc}): ${_ssic_err}")
-    endif()
-    file(SHA256 "${_ssic_tgz}" _ssic_sha)
-    if(NOT _ssic_sha STREQUAL SSIC_ORT_NODE_SHA256)
-      file(REMOVE_RECURSE "${_ssic_tmp}")
-      message(FATAL_ERROR
-        "ssic: sha256 mismatch for onnxruntime-node-${SSIC_ORT_NODE_VERSION}.tgz: "
-        "got ${_ssic_sha}, expected ${SSIC_ORT_NODE_SHA256}. Refusing to use it.")
-    endif()
+    ssic_npm_pack("onnxruntime-node" "${SSIC_ORT_NODE_VERSION}" "${SSIC_ORT_NODE_SHA256}" "${_ssic_tmp}" _ssic_tgz
+      "Install node/npm or pass -DSSIC_ORT_LIBRARY=<path to libonnxruntime.so>")
     set(_ssic_in_tgz "package/bin/napi-v6/linux/${_ssic_arch}/libonnxruntime.so.1")
     file(ARCHIVE_EXTRACT INPUT "${_ssic_tgz}" DESTINATION "${_ssic_tmp}/x" PATTERNS "${_ssic_in_tgz}")
     if(NOT EXISTS "${_ssic_tmp}/x/${_ssic_in_tgz}")
