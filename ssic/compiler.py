@@ -207,7 +207,7 @@ def compile_model(
 
     ts = time.perf_counter()
     sparse = ir.serde.deserialize_model(base_proto)
-    result = SparsifyPass(plan, exact=opts.exact, gn_stats=opts.gn_stats)(sparse)
+    result = SparsifyPass(plan, gn_stats=opts.gn_stats)(sparse)
     n_sparse = sum(d.sparse for d in result.decisions)
     log(f"pass sparsify: {1000 * (time.perf_counter() - ts):.0f} ms, {n_sparse}/{len(result.decisions)} convs sparse, "
         f"{len(result.caches)} caches")
@@ -309,7 +309,6 @@ def _manifest(proto, model, family, opts: CompileOptions, plan, grids, mask_hw, 
         "sparse_min_res": plan.min_res,
         "fallback_ratio": opts.fallback_ratio,
         "gn_stats": opts.gn_stats,
-        "notes": result.notes,
     }
     if opts.lowering == "fused":
         from ssic.library import library_version

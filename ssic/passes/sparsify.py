@@ -83,7 +83,6 @@ class SparsifyResult:
     caches: list[CacheSpec] = field(default_factory=list)
     gn_stats: list[GroupNormStats] = field(default_factory=list)
     decisions: list[ConvDecision] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -124,10 +123,8 @@ def _np(value: ir.Value | None) -> np.ndarray | None:
 class SparsifyPass:
     """Rewrite a model (in place) into its sparse graph; returns what the prime graph must output."""
 
-    def __init__(self, plan: SparsePlan, *, exact: bool = False, fuse_swish: bool = False,
-                 gn_stats: str = "incremental") -> None:
+    def __init__(self, plan: SparsePlan, *, fuse_swish: bool = False, gn_stats: str = "incremental") -> None:
         self.plan = plan
-        self.exact = exact
         self.fuse_swish = fuse_swish
         if gn_stats not in ("incremental", "cached"):
             raise ValueError(f"gn_stats must be 'incremental' or 'cached', got {gn_stats!r}")
