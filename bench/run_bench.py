@@ -74,7 +74,7 @@ def real_edit(name: str, sess):
         return None
     a = pair["original"].transpose(2, 0, 1)[None].astype(np.float32)
     b = pair["edited"].transpose(2, 0, 1)[None].astype(np.float32)
-    mask = (np.abs(a - b) > float(sess.mask_spec["eps"])).any(axis=1)[0]
+    mask = (np.abs(a - b) > float(sess.manifest.mask.eps)).any(axis=1)[0]
     t, xa, xb = _noised(name, a, b)
     return {"x": xa, "t": t}, {"x": xb, "t": t}, mask, "real church edit"
 
@@ -112,17 +112,17 @@ def profile_sparse(sess, inputs: dict, mask) -> dict:
 
     from ssic.library import make_session_options
 
-    so = make_session_options(sess.threads) if sess.manifest["lowering"] == "fused" else ort.SessionOptions()
+    so = make_session_options(sess.threads) if sess.manifest.lowering == "fused" else ort.SessionOptions()
     so.enable_profiling = True
     so.profile_file_prefix = str(Path(os.environ.get("TMPDIR", "/tmp")) / "ssic_profile")
     prof = ort.InferenceSession(str(sess.path / "sparse.onnx"), so, providers=["CPUExecutionProvider"])
-    saved = sess._sessions["sparse"]
-    sess._sessions["sparse"] = prof
+    saved = sess.backend._sessions["sparse"]
+    sess.backend._sessions["sparse"] = prof
     try:
         for _ in range(2):
             sess.edit(inputs, mask=mask, mode="sparse")
     finally:
-        sess._sessions["sparse"] = saved
+        sess.backend._sessions["sparse"] = saved
     trace = json.loads(Path(prof.end_profiling()).read_text())
     agg: dict[str, float] = collections.Counter()
     for ev in trace:
@@ -135,7 +135,7 @@ def profile_sparse(sess, inputs: dict, mask) -> dict:
 def run_model(name: str, out: Path, runs: int, log, variant: dict | None = None, tag: str = "") -> list[dict]:
     art = prepare(name, out, log, variant, tag)
     sess = ssic.load(art, threads=2)
-    h, w = sess.mask_spec["height"], sess.mask_spec["width"]
+    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     rows = []
     edits = []
     real = real_edit(name, sess)
@@ -168,7 +168,7 @@ def run_sdedit(out: Path, steps: int, log) -> dict | None:
     sess = ssic.load(art, threads=2)
     a = pair["original"].transpose(2, 0, 1)[None].astype(np.float32)
     b = pair["edited"].transpose(2, 0, 1)[None].astype(np.float32)
-    mask = (np.abs(a - b) > float(sess.mask_spec["eps"])).any(axis=1)[0]
+    mask = (np.abs(a - b) > float(sess.manifest.mask.eps)).any(axis=1)[0]
     log(f"[ddim] SDEdit loop, {steps} steps")
     res = sdedit(sess, a, b, mask, steps=steps, strength=0.5, log=log)
     q = res["quality"]

@@ -9,35 +9,40 @@ import time
 import numpy as np
 
 from ssic.errors import SSICError
+from ssic.masks import resize_mask_any
 from ssic.quality import compare
 
 
-def example_inputs(manifest: dict, seed: int = 0) -> dict[str, np.ndarray]:
+def example_inputs(manifest, seed: int = 0) -> dict[str, np.ndarray]:
     """Plausible inputs for an artefact: the model family's own example inputs, else random ones."""
-    family = manifest.get("model", {}).get("family")
+    family = manifest.model.family
     if family:
         try:
             from ssic.models import example_inputs as model_inputs
 
-            preset = manifest["model"]["metadata"].get("ssic.preset", "tiny")
+            preset = manifest.model.metadata.get("ssic.preset", "tiny")
             inputs = model_inputs(family, preset, seed=seed)
-            if all(list(inputs[i["name"]].shape) == i["shape"] for i in manifest["inputs"]):
+            if all(list(inputs[i.name].shape) == i.shape for i in manifest.inputs):
                 return {k: np.asarray(v, np.float32) for k, v in inputs.items()}
         except Exception:  # noqa: BLE001 - fall back to random inputs of the right shape
             pass
     rng = np.random.default_rng(seed)
-    return {i["name"]: rng.standard_normal(i["shape"]).astype(np.float32) for i in manifest["inputs"]}
+    return {i.name: rng.standard_normal(i.shape).astype(np.float32) for i in manifest.inputs}
 
 
-def edited_inputs(manifest: dict, inputs: dict[str, np.ndarray], mask: np.ndarray, seed: int = 1) -> dict:
+def edited_inputs(manifest, inputs: dict[str, np.ndarray], mask: np.ndarray, seed: int = 1) -> dict:
     """``inputs`` with the mask-source input changed inside ``mask`` (a label change for one-hot maps)."""
-    src = manifest["mask"].get("source_input")
-    if src is None:
-        raise SSICError("the artefact has no image input at the mask resolution; give the edited input explicitly")
+    source = manifest.mask.primary
+    src = source.input
+    if not src:
+        raise SSICError("the artefact has no spatial image input; give the edited input explicitly")
     rng = np.random.default_rng(seed)
     x = inputs[src].copy()
-    m = np.asarray(mask, bool)
-    if manifest.get("model", {}).get("family") == "gaugan":
+    m = resize_mask_any(np.asarray(mask, bool), (source.height, source.width))
+    if source.channel_axis == 3:
+        noise = rng.standard_normal(x.shape).astype(np.float32) * 0.5
+        x = np.where(m[None, :, :, None], np.clip(x + noise, -1, 1), x).astype(np.float32)
+    elif manifest.model.family == "gaugan":
         labels = x[0, :-1].argmax(0)
         classes = x.shape[1] - 1
         new = (labels + 1 + rng.integers(0, classes - 1)) % classes

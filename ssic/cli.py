@@ -103,60 +103,99 @@ def _tag_model(path: Path, family: str, preset: str) -> None:
         raise
 
 
+def _compile_option_decorators(fn):
+    """``ssic compile``'s flags, generated from :class:`ssic.options.CompileOptions` (one table)."""
+    import typing
+
+    from ssic.options import CompileOptions, cli_table
+
+    for name, extra in reversed(cli_table()):
+        field = CompileOptions.model_fields[name]
+        flag = extra.get("flag", "--" + name.replace("_", "-"))
+        help_text = extra["help"]
+        ann = field.annotation
+        import types as _types
+
+        if typing.get_origin(ann) in (typing.Union, _types.UnionType):
+            base = next(a for a in typing.get_args(ann) if a is not type(None))
+        else:
+            base = ann
+        if typing.get_origin(base) is typing.Literal:
+            opt = click.option(flag, name, type=click.Choice(list(typing.get_args(base))), default=None,
+                               help=help_text + (f" [default: {field.default}]" if field.default else ""))
+        elif base is bool:
+            opt = click.option(flag, name, is_flag=True, default=None, help=help_text)
+        elif typing.get_origin(base) in (dict, list):
+            opt = click.option(flag, name, multiple=True, metavar=extra.get("metavar"), help=help_text)
+        else:
+            default = f" [default: {field.default}]" if field.default is not None else ""
+            opt = click.option(flag, name, type=base, default=None, help=help_text + default)
+        fn = opt(fn)
+    return fn
+
+
+def _parse_shapes(values: tuple[str, ...]) -> dict[str, list[int]]:
+    out = {}
+    for v in values:
+        name, sep, dims = v.rpartition(":")
+        try:
+            shape = [int(d) for d in dims.lower().split("x")]
+        except ValueError:
+            shape = []
+        if not sep or not name or not shape or any(d < 1 for d in shape):
+            raise SSICError(f"--input-shape takes NAME:1x3x256x256, got '{v}'")
+        out[name] = shape
+    return out
+
+
 @cli.command(name="compile")
 @click.argument("model", type=click.Path())
 @click.option("-o", "--output", type=click.Path(), default=None, help="Artefact directory (default MODEL.ssic-TARGET).")
-@click.option("--target", type=click.Choice(["ort", "trt"]), default="ort", show_default=True,
-              help="ort = ONNX Runtime CPU; trt = TensorRT engines.")
-@click.option("--lowering", type=click.Choice(["fused", "standard"]), default=None,
-              help="fused = ssic custom ops (fast, default); standard = stock ONNX ops only (portable).")
 @click.option("--pipeline", type=click.Choice(["ort-fused", "ort-standard", "trt-standard", "trt-fused"]), default=None,
               help="A named pipeline (sets target and lowering).")
-@click.option("--exact", is_flag=True, help="Propagate the mask through every receptive field: exact for graphs "
-              "without global ops (no GroupNorm/attention).")
-@click.option("--sparse-min-res", type=int, default=None,
-              help="Convs whose output min(H, W) >= this run sparse (DDIM/PD 64, GauGAN 16; default: model's).")
-@click.option("--tile", type=int, default=None, help="Tile size for every sparse resolution.")
-@click.option("--tile-size", "tile_sizes", multiple=True, metavar="HxW=T", help="Tile size per resolution (repeatable).")
-@click.option("--halo", type=int, default=None,
-              help="Grow every grid's active region by this many pixels (default: the model's, else 1).")
-@click.option("--halo-size", "halo_sizes", multiple=True, metavar="HxW=N", help="Halo per resolution (repeatable).")
-@click.option("--mask-eps", type=float, default=None, help="Difference threshold of the edit mask.")
-@click.option("--mask-radius", type=int, default=None, help="Dilation radius of the edit mask (pixels).")
-@click.option("--level-dilation", type=int, default=None, help="Dilation of each lower-resolution mask.")
-@click.option("--fallback-ratio", type=float, default=0.6, show_default=True,
-              help="Run dense when sparse MACs exceed this fraction of dense MACs.")
-@click.option("--gn-stats", type=click.Choice(["incremental", "cached"]), default="incremental", show_default=True,
-              help="GroupNorm statistics in sparse runs: corrected with the edited tiles, or the original's (SIGE).")
-@click.option("--disable-pass", "disabled", multiple=True, help="Skip an optional pass (repeatable; see -v output).")
-@click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
+@_compile_option_decorators
+@click.option("--force", is_flag=True, help="Replace the output if it is an ssic artefact (never another folder).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res, tile, tile_sizes, halo, halo_sizes,
-                mask_eps,
-                mask_radius, level_dilation, fallback_ratio, gn_stats, disabled, force, as_json) -> None:
-    """Compile an ONNX MODEL into a sparse-inference artefact (prime, mask and sparse graphs + manifest)."""
+def compile_cmd(model, output, pipeline, force, as_json, **options) -> None:
+    """Compile an ONNX MODEL into a sparse-inference artefact (prime, mask and sparse graphs + manifest).
+
+    Options left unset take the model's metadata, then its family's defaults (models exported by
+    `ssic export`), then the defaults shown. Every resolved option is recorded in the manifest.
+
+    \b
+    Examples:
+      ssic compile gaugan.onnx -o gaugan.ssic
+      ssic compile model.onnx --exact --lowering standard -o model.ssic
+      ssic compile model.onnx --input-shape image:1x3x256x256 --tile 4 -o model.ssic
+    """
+    from ssic.artefact import read_manifest
     from ssic.compiler import PIPELINES, compile_model
 
     if pipeline:
-        target = PIPELINES[pipeline]["target"]
-        lowering = lowering or PIPELINES[pipeline]["lowering"]
-    lowering = lowering or "fused"
-    out = compile_model(model, target=target, lowering=lowering, output_dir=output, exact=exact,
-                        sparse_min_res=sparse_min_res, tiles=_parse_tiles(tile_sizes), tile=tile,
-                        halo=halo, halos=_parse_tiles(halo_sizes, "--halo-size") if halo_sizes else None,
-                        mask_eps=mask_eps,
-                        mask_radius=mask_radius, level_dilation=level_dilation, fallback_ratio=fallback_ratio,
-                        gn_stats=gn_stats, disabled_passes=set(disabled), force=force, log=lambda m: _log(m, 1))
-    manifest = json.loads((out / "manifest.json").read_text())
-    sparse = sum(1 for layer in manifest["layers"] if layer["sparse"])
-    summary = {"artefact": str(out), "target": target, "lowering": lowering, "sparse_convs": sparse,
-               "convs": len(manifest["layers"]), "grids": {g["name"]: g["tile"] for g in manifest["grids"]},
-               "caches": len(manifest["caches"]), "seconds": manifest.get("compile_seconds")}
+        if options.get("target") and options["target"] != PIPELINES[pipeline]["target"]:
+            raise SSICError(f"--pipeline {pipeline} contradicts --target {options['target']}")
+        options["target"] = PIPELINES[pipeline]["target"]
+        options["lowering"] = options.get("lowering") or PIPELINES[pipeline]["lowering"]
+    options["tiles"] = _parse_tiles(options.get("tiles") or ())
+    options["halos"] = _parse_tiles(options.get("halos") or (), "--halo-size")
+    options["disabled_passes"] = list(options.get("disabled_passes") or ())
+    options["input_shapes"] = _parse_shapes(options.get("input_shapes") or ())
+    target, lowering = options.pop("target"), options.pop("lowering")
+    out = compile_model(model, target=target, lowering=lowering, output_dir=output, force=force,
+                        log=lambda m: _log(m, 0 if m.startswith("lowering:") and lowering is None and target == "trt"
+                                           else 1), **options)
+    manifest = read_manifest(out)
+    sparse = sum(1 for layer in manifest.layers if layer.sparse)
+    summary = {"artefact": str(out), "target": manifest.target, "lowering": manifest.lowering, "sparse_convs": sparse,
+               "convs": len(manifest.layers), "grids": {g.name: g.tile for g in manifest.grids},
+               "caches": len(manifest.caches), "cache_mb": round(manifest.cache_bytes() / 2**20, 1),
+               "seconds": manifest.compile_seconds}
     if as_json:
         click.echo(json.dumps(summary))
     else:
-        _log(f"compiled {model} -> {out}: {sparse}/{len(manifest['layers'])} convs sparse, "
-             f"grids {summary['grids']}, {len(manifest['caches'])} caches", 0)
+        _log(f"compiled {model} -> {out} ({manifest.target}, {manifest.lowering} lowering): "
+             f"{sparse}/{len(manifest.layers)} convs sparse, grids {summary['grids']}, "
+             f"{len(manifest.caches)} caches ({summary['cache_mb']} MB per primed state)", 0)
 
 
 @cli.command()
@@ -166,25 +205,31 @@ def inspect(path: str, as_json: bool) -> None:
     """Describe an ONNX model (inputs, op counts, MACs) or an artefact (each conv: sparse or dense, and why)."""
     p = Path(path)
     if p.is_dir():
-        from ssic.runtime import _read_manifest
+        from ssic.artefact import read_manifest
 
-        manifest = _read_manifest(p)
+        manifest = read_manifest(p)
         if as_json:
-            click.echo(json.dumps({k: manifest[k] for k in ("target", "lowering", "exact", "grids", "macs", "layers",
-                                                             "inputs", "outputs", "mask")} |
-                                  {"caches": len(manifest["caches"])}))
+            data = manifest.model_dump(include={"target", "lowering", "exact", "grids", "macs", "layers", "inputs",
+                                                "outputs", "mask", "options"})
+            click.echo(json.dumps(data | {"caches": len(manifest.caches), "cache_bytes": manifest.cache_bytes()}))
             return
-        click.echo(f"artefact {p}: target {manifest['target']}, lowering {manifest['lowering']}, "
-                   f"{'exact' if manifest['exact'] else 'SIGE-pyramid'} masks")
-        for g in manifest["grids"]:
-            click.echo(f"  grid {g['name']}: tile {g['tile']}, {g['num_cells']} cells, "
-                       f"{g['macs_per_tile'] / 1e6:.1f} MMACs per active tile")
-        click.echo(f"  dense MACs {manifest['macs']['dense'] / 1e9:.2f} G, fixed part in sparse runs "
-                   f"{manifest['macs']['sparse_fixed'] / 1e9:.2f} G, {len(manifest['caches'])} caches")
-        for layer in manifest["layers"]:
-            flag = "sparse" if layer["sparse"] else "dense "
-            click.echo(f"  {flag} {layer['node']:<40} {layer['kind']:<7} {layer['channels'][0]:>4}->"
-                       f"{layer['channels'][1]:<4} {layer['reason']}")
+        click.echo(f"artefact {p}: target {manifest.target}, lowering {manifest.lowering}, "
+                   f"{'exact' if manifest.exact else 'SIGE-pyramid'} masks, GroupNorm statistics {manifest.gn_stats}")
+        for s in manifest.mask.sources:
+            click.echo(f"  mask source {s.input or '(user mask)'}: {s.height}x{s.width}"
+                       f"{' (NHWC)' if s.channel_axis == 3 else ''}")
+        for g in manifest.grids:
+            click.echo(f"  grid {g.name}: tile {g.tile}, halo {g.halo}, {g.num_cells} cells, "
+                       f"{g.macs_per_tile / 1e6:.1f} MMACs per active tile")
+        dense_left = manifest.macs.dense - manifest.macs.sparse_convs_dense
+        click.echo(f"  dense MACs {manifest.macs.dense / 1e9:.2f} G; sparse-capable {manifest.macs.sparse_convs_dense / 1e9:.2f} G "
+                   f"({100 * manifest.macs.sparse_convs_dense / max(manifest.macs.dense, 1):.0f}%), always dense "
+                   f"{dense_left / 1e9:.2f} G; {len(manifest.caches)} caches, "
+                   f"{manifest.cache_bytes() / 2**20:.1f} MB per primed state")
+        for layer in manifest.layers:
+            flag = "sparse" if layer.sparse else "dense "
+            click.echo(f"  {flag} {layer.node:<40} {layer.kind:<7} {layer.channels[0]:>4}->"
+                       f"{layer.channels[1]:<4} {layer.macs_dense / 1e6:>9.1f} MMACs  {layer.reason}")
         return
     import onnx
 
@@ -293,13 +338,11 @@ def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> No
     if runs < 1:
         raise SSICError("--runs must be >= 1")
     sess = ssic.load(artefact, threads=threads)
-    h, w = sess.mask_spec["height"], sess.mask_spec["width"]
+    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     if mask_file and area is not None:
         raise SSICError("give --mask or --area, not both")
     if mask_file:
-        mask = _load_array(mask_file, "mask").astype(bool)
-        if mask.shape != (h, w):
-            raise SSICError(f"mask has shape {list(mask.shape)}, expected [{h}, {w}]")
+        mask = sess.check_mask(_load_array(mask_file, "mask"))
     else:
         from ssic.masks import brush_stroke_mask
 

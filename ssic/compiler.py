@@ -1,78 +1,252 @@
 """The compiler driver: ONNX model in, artefact directory out (see docs/architecture.md).
 
-``compile_model`` runs a named pipeline (``PIPELINES``): checks, pre-processing, the sparse plan,
-the sparse rewrite, the prime graph, the mask graph, the lowering, and writes the artefact
-atomically (a temporary directory renamed into place, so a failed compile leaves nothing behind).
+``compile_model`` resolves the options (:mod:`ssic.options`), then runs a named pipeline of phases
+(:data:`PHASES`): ``preprocess`` (an onnx-ir ``PassManager`` of small passes), ``plan``, ``sparsify``,
+``lower-standard`` (standard lowering only), ``build-prime``, ``build-mask`` and ``validate``. Each
+phase has a postcondition checked right after it; a failure names the phase. The artefact is written
+atomically by :func:`ssic.artefact.write_artefact` after every graph was checked with the ONNX checker
+and loaded once by ONNX Runtime (with the op library), so a failed compile leaves nothing behind.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import onnx
 import onnx_ir as ir
 
 from ssic import __version__
-from ssic.errors import SSICError
-from ssic.passes.analysis import (
-    check_static_batch1,
-    plan_sparse_resolutions,
-    spatial_hw,
-    static_shape,
+from ssic.artefact import (
+    CacheEntry,
+    GridSpec,
+    LayerDecision,
+    MacsSpec,
+    Manifest,
+    MaskSource,
+    MaskSpec,
+    ModelInfo,
+    OpLibrary,
+    TensorSpec,
+    is_artefact,
+    write_artefact,
 )
+from ssic.errors import SSICError
+from ssic.options import CompileOptions, resolve_options
+from ssic.passes.analysis import check_static_batch1, plan_sparse_resolutions, spatial_hw, static_shape
 
-FORMAT_VERSION = 1
 IR_VERSION = 10
 
-#: Named pipelines: which optional passes run. ``--disable-pass`` removes names from a pipeline.
-PIPELINES: dict[str, dict] = {
+#: Named pipelines (TVM's idiom): target and lowering. ``--pipeline`` picks one.
+PIPELINES: dict[str, dict[str, str]] = {
     "ort-fused": {"target": "ort", "lowering": "fused"},
     "ort-standard": {"target": "ort", "lowering": "standard"},
     "trt-standard": {"target": "trt", "lowering": "standard"},
     "trt-fused": {"target": "trt", "lowering": "fused"},
 }
 
-#: Defaults per model family, keyed by the ``ssic.model`` metadata that ``ssic export`` writes.
-MODEL_DEFAULTS: dict[str, dict] = {
-    # DDIM/PD: the anchor makes >= 64 sparse; ssic also makes 32 sparse (measured: MAC ratio 7.2x -> 10.2x
-    # at a 1.2% edit with the same quality), see BENCHMARKS.md. --sparse-min-res 64 gives the anchor split.
-    "ddim": {"sparse_min_res": 32, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1},
-    "pd": {"sparse_min_res": 32, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1},
-    # GauGAN: the output inside the edit depends on the last three 3x3 convs at 256x512 and two at
-    # 128x256; growing the active region there by that much makes it exact inside the edit (measured
-    # 122 dB vs 30 dB with 1), at lower resolutions a halo of 1 is enough (BENCHMARKS.md).
-    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2,
-               "halos": {"256x512": 3, "128x256": 2}},
-}
-GENERIC_DEFAULTS = {"sparse_min_res": None, "mask_eps": 1e-6, "mask_radius": 1, "level_dilation": 1}
 
-
+# ---------------------------------------------------------------------------------------- context
 @dataclass
-class CompileOptions:
-    target: str = "ort"
-    lowering: str = "fused"
-    exact: bool = False
-    sparse_min_res: int | None = None
-    tiles: dict[str, int] = field(default_factory=dict)
-    tile: int | None = None
-    mask_eps: float | None = None
-    mask_radius: int | None = None
-    level_dilation: int | None = None
-    halo: int = 1
-    halos: dict[str, int] = field(default_factory=dict)
-    fallback_ratio: float = 0.6
-    gn_stats: str = "incremental"
-    disabled_passes: set[str] = field(default_factory=set)
+class CompileState:
+    """What the phases hand each other."""
+
+    options: CompileOptions
+    source: onnx.ModelProto  # the model as given (written as dense.onnx)
+    model: ir.Model | None = None  # pre-processed
+    plan: Any = None
+    sparse: ir.Model | None = None
+    result: Any = None  # SparsifyResult
+    prime: ir.Model | None = None
+    mask: onnx.ModelProto | None = None
+    sources: list[MaskSource] = field(default_factory=list)
+    mask_hw: tuple[int, int] = (0, 0)
+    passes: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _load_model(model_path: str | os.PathLike) -> onnx.ModelProto:
+@dataclass(frozen=True)
+class Phase:
+    """One named step of a pipeline: ``run(state)``, then ``ensure(state)`` (its postcondition)."""
+
+    name: str
+    run: Callable[[CompileState, Callable[[str], None]], bool]
+    ensure: Callable[[CompileState], None] | None = None
+    required: bool = True
+    applies: Callable[[CompileOptions], bool] = lambda opts: True
+
+
+def _fail(phase: str, what: str) -> SSICError:
+    return SSICError(f"internal error after pass '{phase}': {what} (please report this with the model)")
+
+
+# ---------------------------------------------------------------------------------------- phases
+def _run_preprocess(state: CompileState, log) -> bool:
+    from ssic.passes.preprocess import preprocess_passes
+
+    modified = False
+    for name, p in preprocess_passes(set(state.options.disabled_passes)):
+        ts = time.perf_counter()
+        result = p(state.model)
+        modified |= bool(result.modified)
+        ms = 1000 * (time.perf_counter() - ts)
+        state.passes.append({"name": f"preprocess/{name}", "ms": round(ms, 1), "modified": bool(result.modified)})
+        log(f"pass preprocess/{name}: {ms:.0f} ms, modified={result.modified}")
+    return modified
+
+
+def _run_plan(state: CompileState, log) -> bool:
+    o = state.options
+    state.plan = plan_sparse_resolutions(state.model, min_res=o.sparse_min_res, tiles=dict(o.tiles),
+                                         default_tile_size=o.tile, halos=dict(o.halos), default_halo=o.halo)
+    if not state.plan.grids:
+        raise SSICError(f"no convolution at or above the sparse resolution {state.plan.min_res}; "
+                        "lower --sparse-min-res")
+    log("sparse grids: " + ", ".join(f"{g.name} (tile {g.tile}, halo {g.halo})" for g in state.plan.grids.values()))
+    top = max(state.plan.grids.values(), key=lambda g: g.height * g.width)
+    state.mask_hw = (top.height, top.width)
+    state.sources = mask_sources(state.model, state.mask_hw)
+    if o.exact and not any(s.input for s in state.sources):
+        raise SSICError("--exact needs a spatial model input ([1, C, H, W] or NHWC) to derive the change from")
+    return False
+
+
+def _run_sparsify(state: CompileState, log) -> bool:
+    from ssic.passes.sparsify import SparsifyPass
+
+    state.sparse = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
+    state.result = SparsifyPass(state.plan, gn_stats=state.options.gn_stats)(state.sparse)
+    n_sparse = sum(d.sparse for d in state.result.decisions)
+    log(f"  {n_sparse}/{len(state.result.decisions)} convs sparse, {len(state.result.caches)} caches")
+    if n_sparse == 0:
+        reasons = sorted({d.reason for d in state.result.decisions})
+        raise SSICError("no convolution could run sparse: " + "; ".join(reasons[:3]))
+    return True
+
+
+def _ensure_sparsify(state: CompileState) -> None:
+    inputs = {v.name for v in state.sparse.graph.inputs}
+    declared = {c.name for c in state.result.caches}
+    model_inputs = {v.name for v in state.model.graph.inputs}
+    tiles = {g.tiles_input for g in state.plan.grids.values()}
+    undeclared = inputs - declared - model_inputs - tiles
+    if undeclared:
+        raise _fail("sparsify", f"sparse graph inputs not declared as caches: {sorted(undeclared)[:3]}")
+    missing = declared - inputs
+    if missing:
+        raise _fail("sparsify", f"caches declared but not read by the sparse graph: {sorted(missing)[:3]}")
+    if state.options.gn_stats == "cached" and any(c.kind in ("gn_sum", "gn_sumsq") for c in state.result.caches):
+        raise _fail("sparsify", "gn_stats='cached' but incremental GroupNorm statistics were emitted")
+
+
+def _run_lower_standard(state: CompileState, log) -> bool:
+    from ssic.passes.lower_standard import LowerToStandardPass
+
+    LowerToStandardPass()(state.sparse)
+    return True
+
+
+def _ensure_standard(state: CompileState) -> None:
+    left = sorted({n.op_type for n in state.sparse.graph.all_nodes() if n.domain == "ssic"})
+    if left:
+        raise _fail("lower-standard", f"ssic-domain nodes remain in the standard lowering: {left}")
+
+
+def _run_build_prime(state: CompileState, log) -> bool:
+    from ssic.passes.build_prime import BuildPrimePass
+
+    base = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
+    state.prime = BuildPrimePass(state.result.caches, state.result.gn_stats)(base)
+    return True
+
+
+def _ensure_prime(state: CompileState) -> None:
+    outputs = {v.name for v in state.prime.graph.outputs}
+    missing = {c.name for c in state.result.caches} - outputs
+    if missing:
+        raise _fail("build-prime", f"caches the prime graph does not output: {sorted(missing)[:3]}")
+
+
+def _run_build_mask(state: CompileState, log) -> bool:
+    from ssic.passes.build_mask import build_mask_graph, with_mask_sources
+
+    grids = list(state.plan.grids.values())
+    o = state.options
+    if o.exact:
+        from ssic.passes.exact_masks import build_exact_mask_model
+
+        state.mask = build_exact_mask_model(state.model, grids, state.mask_hw,
+                                            sources={s.input: s.mask_input for s in state.sources if s.input})
+    else:
+        core = build_mask_graph(state.mask_hw, grids, radius=o.mask_radius, level_dilation=o.level_dilation)
+        state.mask = with_mask_sources(core, state.sources, state.mask_hw)
+    return True
+
+
+def _ensure_mask(state: CompileState) -> None:
+    names = {i.name for i in state.mask.graph.input}
+    want = {s.mask_input for s in state.sources}
+    if names != want:
+        raise _fail("build-mask", f"mask graph inputs {sorted(names)} differ from the mask sources {sorted(want)}")
+
+
+#: Every phase in order. ``--disable-pass`` may name optional phases and the preprocess passes only.
+PHASES: list[Phase] = [
+    Phase("preprocess", _run_preprocess, required=False),
+    Phase("plan", _run_plan),
+    Phase("sparsify", _run_sparsify, _ensure_sparsify),
+    Phase("lower-standard", _run_lower_standard, _ensure_standard,
+          applies=lambda o: o.lowering == "standard"),
+    Phase("build-prime", _run_build_prime, _ensure_prime),
+    Phase("build-mask", _run_build_mask, _ensure_mask),
+]
+
+
+def optional_pass_names() -> list[str]:
+    """Names ``--disable-pass`` accepts: optional phases and the pre-processing passes."""
+    from ssic.passes.preprocess import preprocess_passes
+
+    return [p.name for p in PHASES if not p.required] + [n for n, _ in preprocess_passes(set())]
+
+
+def _check_disabled(opts: CompileOptions) -> None:
+    optional = set(optional_pass_names())
+    required = {p.name for p in PHASES if p.required} | {"validate"}
+    for name in opts.disabled_passes:
+        if name in required:
+            raise SSICError(f"pass '{name}' is required by every pipeline and cannot be disabled")
+        if name not in optional:
+            raise SSICError(f"unknown pass '{name}' for --disable-pass (optional passes: {', '.join(sorted(optional))})")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def mask_sources(model: ir.Model, mask_hw: tuple[int, int]) -> list[MaskSource]:
+    """Every spatial model input, with its own resolution and channel axis.
+
+    A 4-D input ``[1, C, H, W]`` is NCHW; one whose only consumers are ``Transpose(perm=[0, 3, 1, 2])``
+    is NHWC (Keras/tf2onnx exports). When the model has no spatial input, one source without an input
+    stands for the finest grid itself: the user gives the mask.
+    """
+    out = []
+    for v in model.graph.inputs:
+        shape = static_shape(v)
+        if shape is None or len(shape) != 4 or shape[0] != 1:
+            continue
+        users = [u for u, _ in v.uses()]
+        nhwc = bool(users) and all(u.op_type == "Transpose" and list(u.attributes.get_ints("perm", [])) == [0, 3, 1, 2]
+                                   for u in users)
+        h, w = (shape[1], shape[2]) if nhwc else (shape[2], shape[3])
+        out.append(MaskSource(input=v.name, height=h, width=w, channel_axis=3 if nhwc else 1,
+                              mask_input=f"ssic.mask.{v.name}"))
+    if not out:
+        out.append(MaskSource(input="", height=mask_hw[0], width=mask_hw[1], channel_axis=1, mask_input="ssic.mask"))
+    return out
+
+
+def _load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
     path = Path(model_path)
     if not path.exists():
         raise SSICError(f"model file not found: {path}")
@@ -88,77 +262,166 @@ def _load_model(model_path: str | os.PathLike) -> onnx.ModelProto:
         onnx.checker.check_model(proto)
     except Exception as exc:
         raise SSICError(f"{path} is not a valid ONNX model: {str(exc).splitlines()[0]}") from None
+    if input_shapes:
+        _fix_input_shapes(proto, input_shapes)
     return proto
 
 
-def _model_defaults(proto: onnx.ModelProto) -> tuple[str | None, dict]:
-    meta = {p.key: p.value for p in proto.metadata_props}
-    name = meta.get("ssic.model")
-    defaults = dict(MODEL_DEFAULTS.get(name, GENERIC_DEFAULTS))
-    for key in defaults:
-        if f"ssic.{key}" in meta:
-            defaults[key] = type(defaults[key] or 0)(float(meta[f"ssic.{key}"])) if defaults[key] is not None \
-                else int(meta[f"ssic.{key}"])
-    return name, defaults
+def _fix_input_shapes(proto: onnx.ModelProto, input_shapes: dict[str, list[int]]) -> None:
+    """Set the named inputs' shapes (``--input-shape``); their rank must match the model's."""
+    inputs = {i.name: i for i in proto.graph.input}
+    for name, shape in input_shapes.items():
+        if name not in inputs:
+            raise SSICError(f"--input-shape names '{name}', but the model's inputs are {sorted(inputs)}")
+        dims = inputs[name].type.tensor_type.shape.dim
+        if len(dims) != len(shape):
+            raise SSICError(f"--input-shape {name}: rank {len(shape)} given, the model's input has rank {len(dims)}")
+        for d, n in zip(dims, shape, strict=True):
+            if d.HasField("dim_value") and d.dim_value != n:
+                raise SSICError(f"--input-shape {name}: dimension {d.dim_value} is fixed in the model, {n} given")
+            d.Clear()
+            d.dim_value = int(n)
+    del proto.graph.value_info[:]  # re-inferred from the fixed inputs by the preprocess passes
 
 
 def _unsupported_ops(proto: onnx.ModelProto) -> list[str]:
-    bad = []
-    for node in proto.graph.node:
-        if node.domain not in ("", "ai.onnx"):
-            bad.append(f"{node.domain}::{node.op_type}")
-    return sorted(set(bad))
+    return sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
 
 
 def _save(model: ir.Model | onnx.ModelProto, path: Path) -> None:
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     proto.ir_version = IR_VERSION
-    size = proto.ByteSize()
-    if size > 1_900_000_000:
+    if proto.ByteSize() > 1_900_000_000:
         onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
     else:
         onnx.save(proto, str(path))
 
 
+def _resolve_lowering(opts: CompileOptions, log) -> CompileOptions:
+    if opts.lowering is not None:
+        return opts
+    lowering, why = "fused", "the ssic op library runs the fused ops"
+    if opts.target == "trt":
+        from ssic.targets.trt import find_plugin_library
+
+        if find_plugin_library() is None:
+            lowering, why = "standard", "the ssic TensorRT plugin library is not built here"
+        else:
+            why = "the ssic TensorRT plugin library is built"
+    log(f"lowering: {lowering} ({why}; --lowering to choose)")
+    return opts.model_copy(update={"lowering": lowering})
+
+
+def _validate_graphs(tmp: Path, manifest: Manifest, log) -> None:
+    """Every graph passes the ONNX checker (by path) and loads once in ONNX Runtime with the op library."""
+    import onnxruntime as ort
+
+    t0 = time.perf_counter()
+    for which, file in manifest.graphs.items():
+        path = tmp / file
+        try:
+            onnx.checker.check_model(str(path))
+        except Exception as exc:
+            raise _fail("validate", f"{file} fails the ONNX checker: {str(exc).splitlines()[0][:200]}") from None
+        if manifest.lowering == "fused" and which == "sparse":
+            from ssic.library import make_session_options
+
+            so = make_session_options(1)
+        else:
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = 1
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise _fail("validate", f"ONNX Runtime cannot load {file}: {str(exc).splitlines()[0][:300]}") from None
+        del sess
+    log(f"pass validate: {1000 * (time.perf_counter() - t0):.0f} ms (checker + ONNX Runtime load of every graph)")
+
+
+# ---------------------------------------------------------------------------------------- driver
 def compile_model(
     model_path: str | os.PathLike,
-    target: str = "ort",
-    lowering: str = "fused",
+    target: str | None = None,
+    lowering: str | None = None,
     output_dir: str | os.PathLike | None = None,
     *,
-    exact: bool = False,
-    sparse_min_res: int | None = None,
-    tiles: dict[str, int] | None = None,
-    tile: int | None = None,
-    mask_eps: float | None = None,
-    mask_radius: int | None = None,
-    level_dilation: int | None = None,
-    halo: int | None = None,
-    halos: dict[str, int] | None = None,
-    fallback_ratio: float = 0.6,
-    gn_stats: str = "incremental",
-    disabled_passes: set[str] | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
+    validate: bool = True,
+    **options: Any,
 ) -> Path:
     """Compile ``model_path`` into an artefact directory and return its path.
 
-    ``target`` is ``"ort"`` or ``"trt"``; ``lowering`` is ``"fused"`` (ssic custom ops, the default)
-    or ``"standard"`` (stock ONNX ops only). ``exact=True`` propagates the mask through every
-    receptive field instead of SIGE's per-resolution heuristic. Unset mask options take the model
-    family's defaults (from the ``ssic.model`` metadata that ``ssic export`` writes).
+    ``target`` is ``"ort"`` (ONNX Runtime CPU, default) or ``"trt"``; ``lowering`` ``"fused"`` (ssic
+    custom ops) or ``"standard"`` (stock ONNX ops), default: the one that will run. Every other option
+    is a keyword of :class:`ssic.options.CompileOptions` (``exact``, ``sparse_min_res``, ``tile``,
+    ``tiles``, ``mask_eps``, ``mask_radius``, ``level_dilation``, ``halo``, ``halos``,
+    ``fallback_ratio``, ``gn_stats``, ``disabled_passes``, ``input_shapes``); unset ones come from the
+    model's metadata and family defaults. ``force`` replaces an existing *artefact* at ``output_dir``.
+    ``log`` receives progress lines (pass timings, the lowering chosen and why).
+    Raises ``SSICError`` (one line) for bad input; nothing is written then.
     """
-    log = log or (lambda msg: None)
-    if target not in ("ort", "trt"):
-        raise SSICError(f"unknown target '{target}' (choose ort or trt)")
-    if gn_stats not in ("incremental", "cached"):
-        raise SSICError(f"unknown gn_stats '{gn_stats}' (choose incremental or cached)")
-    if lowering not in ("fused", "standard"):
-        raise SSICError(f"unknown lowering '{lowering}' (choose fused or standard)")
-    out = Path(output_dir) if output_dir is not None else Path(str(model_path)).with_suffix("").with_name(
-        Path(str(model_path)).stem + f".ssic-{target}")
-    if out.exists() and not force:
-        raise SSICError(f"output directory {out} exists (use --force to replace it)")
+    def _log(msg: str) -> None:
+        if log is not None:
+            log(msg)
+
+    t0 = time.perf_counter()
+    given = dict(options, target=target, lowering=lowering)
+    # validate the options before touching any file
+    resolve_options({k: v for k, v in given.items()})
+    out = Path(output_dir) if output_dir is not None else Path(str(model_path)).with_name(
+        Path(str(model_path)).stem + f".ssic-{target or 'ort'}")
+    _check_output(out, force=force, model_path=Path(str(model_path)))
+
+    proto = _load_model(model_path, given.get("input_shapes"))
+    bad = _unsupported_ops(proto)
+    if bad:
+        raise SSICError(f"unsupported custom-domain ops in the model: {', '.join(bad)}")
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    opts = resolve_options(given, metadata)
+    _check_disabled(opts)
+    opts = _resolve_lowering(opts, _log)
+
+    model = ir.serde.deserialize_model(proto)
+    check_static_batch1(model)
+    state = CompileState(options=opts, source=proto, model=model)
+    for phase in PHASES:
+        if not phase.applies(opts) or phase.name in opts.disabled_passes:
+            continue
+        ts = time.perf_counter()
+        modified = phase.run(state, _log)
+        ms = 1000 * (time.perf_counter() - ts)
+        if phase.name != "preprocess":
+            state.passes.append({"name": phase.name, "ms": round(ms, 1), "modified": bool(modified)})
+            _log(f"pass {phase.name}: {ms:.0f} ms, modified={modified}")
+        if phase.ensure is not None:
+            phase.ensure(state)
+
+    manifest = _manifest(state, metadata)
+
+    def fill(tmp: Path) -> None:
+        _save(proto, tmp / "dense.onnx")
+        _save(state.prime, tmp / "prime.onnx")
+        _save(state.sparse, tmp / "sparse.onnx")
+        _save(state.mask, tmp / "mask.onnx")
+
+    def finish(tmp: Path) -> Manifest:
+        m = manifest
+        if opts.target == "trt":
+            from ssic.targets.trt import build_trt_artefact
+
+            m = m.model_copy(update={"trt": build_trt_artefact(tmp, m, log=_log)})
+        return m.model_copy(update={"compile_seconds": round(time.perf_counter() - t0, 2)})
+
+    written = write_artefact(out, finish, fill, replace=force,
+                             validate=(lambda tmp, m: _validate_graphs(tmp, m, _log)) if validate else None)
+    _log(f"wrote {written} in {time.perf_counter() - t0:.1f} s")
+    return written
+
+
+def _check_output(out: Path, *, force: bool, model_path: Path) -> None:
+    """Refuse an output that exists unless ``force`` and it is an ssic artefact (never a user's folder)."""
     parent = out.resolve().parent
     if not parent.exists():
         raise SSICError(f"cannot write {out}: directory {parent} does not exist")
@@ -166,106 +429,24 @@ def compile_model(
         raise SSICError(f"cannot write {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise SSICError(f"cannot write {out}: directory {parent} is not writable")
-
-    t0 = time.perf_counter()
-    proto = _load_model(model_path)
-    bad = _unsupported_ops(proto)
-    if bad:
-        raise SSICError(f"unsupported custom-domain ops in the model: {', '.join(bad)}")
-    family, defaults = _model_defaults(proto)
-    opts = CompileOptions(
-        target=target, lowering=lowering, exact=exact,
-        sparse_min_res=sparse_min_res if sparse_min_res is not None else defaults["sparse_min_res"],
-        tiles=dict(tiles or {}), tile=tile,
-        mask_eps=mask_eps if mask_eps is not None else defaults["mask_eps"],
-        mask_radius=mask_radius if mask_radius is not None else defaults["mask_radius"],
-        level_dilation=level_dilation if level_dilation is not None else defaults["level_dilation"],
-        halo=1 if halo is None else halo,
-        halos=dict(halos) if halos is not None else (dict(defaults.get("halos", {})) if halo is None else {}),
-        fallback_ratio=fallback_ratio, disabled_passes=set(disabled_passes or ()),
-    )
-    if opts.exact:
-        opts.mask_radius, opts.halo, opts.halos = 0, 0, {}
-
-    model = ir.serde.deserialize_model(proto)
-    check_static_batch1(model)
-    from ssic.passes.preprocess import preprocess_passes
-
-    for name, p in preprocess_passes(opts.disabled_passes):
-        ts = time.perf_counter()
-        result = p(model)
-        log(f"pass {name}: {1000 * (time.perf_counter() - ts):.0f} ms, modified={result.modified}")
-    plan = plan_sparse_resolutions(model, min_res=opts.sparse_min_res, tiles=opts.tiles, default_tile_size=opts.tile,
-                                   halos=opts.halos, default_halo=opts.halo)
-    if not plan.grids:
-        raise SSICError(f"no convolution at or above the sparse resolution {plan.min_res}; lower --sparse-min-res")
-    log("sparse grids: " + ", ".join(f"{g.name} (tile {g.tile}, halo {g.halo})" for g in plan.grids.values()))
-    base_proto = ir.serde.serialize_model(model)
-
-    # the sparse graph
-    from ssic.passes.sparsify import SparsifyPass
-
-    ts = time.perf_counter()
-    sparse = ir.serde.deserialize_model(base_proto)
-    result = SparsifyPass(plan, gn_stats=opts.gn_stats)(sparse)
-    n_sparse = sum(d.sparse for d in result.decisions)
-    log(f"pass sparsify: {1000 * (time.perf_counter() - ts):.0f} ms, {n_sparse}/{len(result.decisions)} convs sparse, "
-        f"{len(result.caches)} caches")
-    if n_sparse == 0:
-        reasons = sorted({d.reason for d in result.decisions})
-        raise SSICError("no convolution could run sparse: " + "; ".join(reasons[:3]))
-    if opts.lowering == "standard" and "lower-standard" not in opts.disabled_passes:
-        from ssic.passes.lower_standard import LowerToStandardPass
-
-        ts = time.perf_counter()
-        LowerToStandardPass()(sparse)
-        log(f"pass lower-standard: {1000 * (time.perf_counter() - ts):.0f} ms")
-
-    # the prime graph
-    from ssic.passes.build_prime import BuildPrimePass
-
-    prime = BuildPrimePass(result.caches, result.gn_stats)(ir.serde.deserialize_model(base_proto))
-
-    # the mask graph
-    grids = list(plan.grids.values())
-    top = max(grids, key=lambda g: g.height * g.width)
-    mask_hw = (top.height, top.width)
-    if opts.exact:
-        from ssic.passes.exact_masks import build_exact_mask_model
-
-        mask_model = build_exact_mask_model(model, grids, mask_hw)
-    else:
-        from ssic.passes.build_mask import build_mask_graph
-
-        mask_model = build_mask_graph(mask_hw, grids, radius=int(opts.mask_radius),
-                                      level_dilation=int(opts.level_dilation))
-
-    manifest = _manifest(proto, model, family, opts, plan, grids, mask_hw, result)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=parent))
-    try:
-        _save(proto, tmp / "dense.onnx")
-        _save(prime, tmp / "prime.onnx")
-        _save(sparse, tmp / "sparse.onnx")
-        _save(mask_model, tmp / "mask.onnx")
-        if opts.target == "trt":
-            from ssic.targets.trt import build_trt_artefact
-
-            manifest["trt"] = build_trt_artefact(tmp, manifest, log=log)
-        manifest["compile_seconds"] = round(time.perf_counter() - t0, 2)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    log(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
-    return out
+    if not out.exists() and not out.is_symlink():
+        return
+    if not force:
+        raise SSICError(f"output directory {out} exists (use --force to replace it)")
+    resolved = out.resolve()
+    protected = {Path.cwd().resolve(), model_path.resolve().parent}
+    for p in protected:
+        if resolved == p or resolved in p.parents:
+            raise SSICError(f"--force will not replace {out}: it holds the model or the working directory")
+    if out.is_symlink() or not out.is_dir() or not is_artefact(out):
+        raise SSICError(f"--force replaces only an ssic artefact directory; {out} is not one (nothing was changed)")
 
 
-def _manifest(proto, model, family, opts: CompileOptions, plan, grids, mask_hw, result) -> dict:
+def _manifest(state: CompileState, metadata: dict[str, str]) -> Manifest:
     from ssic.macs import count_macs
 
+    opts, plan, result, proto, model = state.options, state.plan, state.result, state.source, state.model
+    grids = list(plan.grids.values())
     macs = count_macs(proto)
     dense_total = int(macs["macs_total"])
     sparse_conv_dense = sum(d.macs_dense for d in result.decisions if d.sparse)
@@ -273,52 +454,40 @@ def _manifest(proto, model, family, opts: CompileOptions, plan, grids, mask_hw, 
     for d in result.decisions:
         if d.sparse:
             per_tile[d.grid] += d.macs_per_tile
-    source = None
-    for v in model.graph.inputs:
-        if spatial_hw(v) == mask_hw:
-            source = v.name
-            break
-    manifest = {
-        "format": "ssic-artefact",
-        "format_version": FORMAT_VERSION,
-        "ssic_version": __version__,
-        "target": opts.target,
-        "lowering": opts.lowering,
-        "exact": opts.exact,
-        "model": {"family": family, "producer": proto.producer_name,
-                  "metadata": {p.key: p.value for p in proto.metadata_props}},
-        "opsets": {(o.domain or "ai.onnx"): o.version for o in proto.opset_import} | (
-            {"ssic": 1} if opts.lowering == "fused" else {}),
-        "graphs": {"dense": "dense.onnx", "prime": "prime.onnx", "sparse": "sparse.onnx", "mask": "mask.onnx"},
-        "inputs": [{"name": v.name, "shape": list(static_shape(v) or ()), "dtype": str(v.dtype.name).lower()}
-                   for v in model.graph.inputs],
-        "outputs": [{"name": v.name, "shape": list(static_shape(v) or ()), "dtype": str(v.dtype.name).lower()
-                     if v.dtype else "float"} for v in model.graph.outputs],
-        "mask": {"input": "ssic.mask", "height": mask_hw[0], "width": mask_hw[1], "source_input": source,
-                 "channel_axis": 1, "eps": opts.mask_eps, "radius": opts.mask_radius,
-                 "level_dilation": opts.level_dilation, "halo": opts.halo,
-                 "mode": "exact" if opts.exact else "sige-pyramid"},
-        "grids": [{"name": g.name, "height": g.height, "width": g.width, "tile": g.tile, "halo": g.halo, "cells": list(g.cells),
-                   "num_cells": g.num_cells, "tiles_input": g.tiles_input, "macs_per_tile": per_tile[g.name]}
-                  for g in grids],
-        "caches": [c.to_json() for c in result.caches],
-        "macs": {"dense": dense_total, "sparse_fixed": dense_total - sparse_conv_dense,
-                 "sparse_convs_dense": sparse_conv_dense, "per_tile": per_tile,
-                 "by_op_type": macs.get("macs_by_op_type", {})},
-        "layers": [d.to_json() for d in result.decisions],
-        "sparse_min_res": plan.min_res,
-        "fallback_ratio": opts.fallback_ratio,
-        "gn_stats": opts.gn_stats,
-    }
+    library = None
     if opts.lowering == "fused":
         from ssic.library import library_version
 
-        manifest["custom_op_library"] = {"name": "libssic_ort", "domain": "ssic", "op_version": 1,
-                                         "version": library_version()}
-    return manifest
+        library = OpLibrary(name="libssic_ort", domain="ssic", op_version=1, version=library_version())
+
+    def spec(v: ir.Value) -> TensorSpec:
+        return TensorSpec(name=v.name, shape=list(static_shape(v) or ()),
+                          dtype=str(v.dtype.name).lower() if v.dtype else "float")
+
+    return Manifest(
+        ssic_version=__version__, target=opts.target, lowering=opts.lowering, exact=opts.exact,
+        gn_stats=opts.gn_stats, fallback_ratio=opts.fallback_ratio, sparse_min_res=plan.min_res,
+        model=ModelInfo(family=metadata.get("ssic.model"), producer=proto.producer_name, metadata=metadata),
+        opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import} | (
+            {"ssic": 1} if opts.lowering == "fused" else {}),
+        graphs={"dense": "dense.onnx", "prime": "prime.onnx", "sparse": "sparse.onnx", "mask": "mask.onnx"},
+        inputs=[spec(v) for v in model.graph.inputs],
+        outputs=[spec(v) for v in model.graph.outputs],
+        mask=MaskSpec(height=state.mask_hw[0], width=state.mask_hw[1], sources=state.sources,
+                      eps=opts.mask_eps, radius=opts.mask_radius, level_dilation=opts.level_dilation,
+                      halo=opts.halo, mode="exact" if opts.exact else "sige-pyramid"),
+        grids=[GridSpec(name=g.name, height=g.height, width=g.width, tile=g.tile, halo=g.halo, cells=list(g.cells),
+                        num_cells=g.num_cells, tiles_input=g.tiles_input, macs_per_tile=per_tile[g.name])
+               for g in grids],
+        caches=[CacheEntry(**c.to_json()) for c in result.caches],
+        macs=MacsSpec(dense=dense_total, sparse_fixed=dense_total - sparse_conv_dense,
+                      sparse_convs_dense=sparse_conv_dense, per_tile=per_tile,
+                      by_op_type=macs.get("macs_by_op_type", {})),
+        layers=[LayerDecision(**d.to_json()) for d in result.decisions],
+        options=opts, passes=state.passes, custom_op_library=library,
+    )
 
 
-def sparse_macs(manifest: dict, tiles_per_grid: dict[str, int]) -> int:
+def sparse_macs(manifest: Manifest, tiles_per_grid: dict[str, int]) -> int:
     """MACs of one sparse run with the given number of active tiles per grid."""
-    m = manifest["macs"]
-    return int(m["sparse_fixed"] + sum(m["per_tile"][g] * n for g, n in tiles_per_grid.items()))
+    return manifest.sparse_macs(tiles_per_grid)

@@ -56,10 +56,11 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
         log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
         ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)
     sess = ssic.load(art, threads=threads)
-    a, b, what = _inputs(sess.mask_spec["height"], sess.mask_spec["eps"])
-    if a.shape[2:] != (sess.mask_spec["height"], sess.mask_spec["width"]):
-        raise SSICError(f"demo images are {a.shape[2:]}, the model takes {sess.mask_spec['height']}")
-    mask = (np.abs(a - b) > float(sess.mask_spec["eps"])).any(axis=1)[0]
+    spec = sess.manifest.mask
+    a, b, what = _inputs(spec.height, spec.eps)
+    if a.shape[2:] != (spec.height, spec.width):
+        raise SSICError(f"demo images are {a.shape[2:]}, the model takes {spec.height}")
+    mask = (np.abs(a - b) > float(spec.eps)).any(axis=1)[0]
     log(f"editing {what}: {100 * mask.mean():.1f}% of pixels changed")
     result = sdedit(sess, a, b, mask, steps=steps, strength=0.5, seed=0, log=log)
     from PIL import Image

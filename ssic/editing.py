@@ -84,7 +84,7 @@ def sdedit(session, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, 
     from ssic.masks import dilate
 
     # blend with the mask the graph uses at full resolution (the raw mask dilated by the radius)
-    m = dilate(np.asarray(mask, bool), int(session.mask_spec.get("radius", 0)))[None, None].astype(np.float32)
+    m = dilate(np.asarray(mask, bool), int(session.manifest.mask.radius))[None, None].astype(np.float32)
     tname = "t"
 
     # the original trajectory: caches per step (done once when an image is opened in an editor)
@@ -122,14 +122,14 @@ def sdedit(session, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, 
 def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, steps=10, strength=0.5, seed=0,
                log=None) -> dict:
     """Edit with arrays read from the command line; returns ``{"sparse": output, "summary": str}``."""
-    family = session.manifest.get("model", {}).get("family")
+    family = session.manifest.model.family
     if np.shape(a) != np.shape(b):
         raise SSICError(f"original and edited differ in shape: {list(np.shape(a))} vs {list(np.shape(b))}")
-    h, w = session.mask_spec["height"], session.mask_spec["width"]
+    h, w = session.manifest.mask.height, session.manifest.mask.width
     if family in ("ddim", "pd") and np.asarray(a).ndim == 3:
         xa, xb = image_to_model(a, (h, w)), image_to_model(b, (h, w))
         if mask is None:
-            mask = (np.abs(xa - xb) > float(session.mask_spec["eps"])).any(axis=1)[0]
+            mask = (np.abs(xa - xb) > float(session.manifest.mask.eps)).any(axis=1)[0]
         mask = _fit_mask(mask, h, w, session)
         result = sdedit(session, xa, xb, mask, steps=steps, strength=strength, seed=seed, log=log)
         return {"sparse": result["sparse"], "summary": f"{steps} steps, sparse {result['sparse_s']:.2f} s vs dense "
@@ -142,8 +142,9 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
         inputs_a = {"seg": make_gaugan_input(a, inst_a)}
         inputs_b = {"seg": make_gaugan_input(b, inst_b)}
     else:
-        inputs_a = {**(extra or {}), session.mask_spec["source_input"]: np.asarray(a, np.float32)}
-        inputs_b = {**(extra or {}), session.mask_spec["source_input"]: np.asarray(b, np.float32)}
+        src = session.manifest.mask.primary.input
+        inputs_a = {**(extra or {}), src: np.asarray(a, np.float32)}
+        inputs_b = {**(extra or {}), src: np.asarray(b, np.float32)}
     session.prime(inputs_a)
     start = time.perf_counter()
     out = session.edit(inputs_b, mask=None if mask is None else _fit_mask(mask, h, w, session))
@@ -155,7 +156,7 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
 
 def _fit_mask(mask, h, w, session=None) -> np.ndarray:
     if session is not None:
-        return session._mask_array(mask)
+        return session.check_mask(mask)
     m = np.asarray(mask)
     if m.shape != (h, w):
         raise SSICError(f"mask has shape {list(m.shape)}, expected [{h}, {w}]")

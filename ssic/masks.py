@@ -229,6 +229,32 @@ def resize_nearest(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return mask[nearest_indices(h, size[0])][:, nearest_indices(w, size[1])]
 
 
+def resize_mask_any(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a bool ``[h, w]`` mask to ``size`` conservatively: an output pixel is set when any input
+    pixel its footprint overlaps is set (max-pooling when shrinking, replication when growing).
+
+    Used to carry an edit mask between inputs and grids of different resolutions without losing a
+    changed pixel. Returns bool ``[H, W]``.
+    """
+    m = np.asarray(mask, dtype=bool)
+    h, w = m.shape
+    H, W = int(size[0]), int(size[1])
+    if (h, w) == (H, W):
+        return m.copy()
+    integral = np.zeros((h + 1, w + 1), np.int64)
+    integral[1:, 1:] = np.cumsum(np.cumsum(m, axis=0), axis=1)
+
+    def bounds(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = (np.arange(n_out) * n_in) // n_out
+        hi = -((-(np.arange(1, n_out + 1) * n_in)) // n_out)
+        return lo, np.maximum(hi, lo + 1)
+
+    r0, r1 = bounds(h, H)
+    c0, c1 = bounds(w, W)
+    count = (integral[r1][:, c1] - integral[r0][:, c1] - integral[r1][:, c0] + integral[r0][:, c0])
+    return count > 0
+
+
 def mask_pyramid(
     mask: np.ndarray, sizes: Iterable[tuple[int, int]], level_dilation: int = 1
 ) -> dict[tuple[int, int], np.ndarray]:

@@ -32,7 +32,7 @@ def write_golden(session, golden: Path, original: dict | None = None, edited: di
     from ssic.masks import brush_stroke_mask
 
     golden.mkdir(parents=True, exist_ok=True)
-    h, w = session.mask_spec["height"], session.mask_spec["width"]
+    h, w = session.manifest.mask.height, session.manifest.mask.width
     original = original or example_inputs(session.manifest, 0)
     mask = brush_stroke_mask(h, w, 0.05, 0) if mask is None else mask
     edited = edited or edited_inputs(session.manifest, original, mask, 1)

@@ -29,13 +29,13 @@ GOLDEN_DIR = Path(__file__).resolve().parent / "golden"
 COMPILE_OPTIONS = {"target": "ort", "lowering": "fused", "exact": False}
 
 
-def golden_inputs(manifest: dict) -> dict[str, np.ndarray]:
+def golden_inputs(manifest) -> dict[str, np.ndarray]:
     """The model family's example inputs, with image inputs replaced by compressible 8x8-block images."""
     from ssic.bench import example_inputs
 
     inputs = example_inputs(manifest, 0)
-    src = manifest["mask"].get("source_input")
-    family = manifest.get("model", {}).get("family")
+    src = manifest.mask.primary.input or None
+    family = manifest.model.family
     if src is not None and family in ("ddim", "pd"):
         x = inputs[src]
         _, c, h, w = x.shape

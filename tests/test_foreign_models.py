@@ -40,7 +40,7 @@ def diffusers_unet(tmp_path_factory):
 
 def test_diffusers_unet_compiles_and_edits(diffusers_unet):
     sess = ssic.load(diffusers_unet, threads=2)
-    layers = sess.manifest["layers"]
+    layers = [layer.model_dump() for layer in sess.manifest.layers]
     sparse = [layer for layer in layers if layer["sparse"]]
     assert len(sparse) >= 6, layers
     assert all(layer["reason"] for layer in layers)  # every dense conv says why

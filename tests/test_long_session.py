@@ -135,7 +135,7 @@ def test_100_edits_tiny_ddim(tiny_artefact):
 
     art = tiny_artefact("ddim", "fused")
     sess = ssic.load(art)
-    h, w = sess.mask_spec["height"], sess.mask_spec["width"]
+    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     inputs = example_inputs(sess.manifest, 0)
     del sess
     counter = iter(range(10**6))

@@ -23,7 +23,7 @@ REPORT: list[str] = []
 
 
 def _edits(name: str, sess):
-    h, w = sess.mask_spec["height"], sess.mask_spec["width"]
+    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     from ssic.models import example_inputs
 
     base = example_inputs(name, "tiny", seed=0)
@@ -60,7 +60,7 @@ def test_default_mode_quality(name, tiny_artefact):
         got = sess.edit(edited, mask=mask, mode="sparse")[out_name]
         want = sess.dense(edited)[out_name]
         raw = sess.difference_mask(edited) if mask is None else mask
-        region = dilate(raw, int(sess.mask_spec["radius"]))
+        region = dilate(raw, int(sess.manifest.mask.radius))
         q = compare(got, want, region, primed)
         REPORT.append(f"{name} {label}: edited {100 * raw.mean():.1f}%, tiles {100 * sess.last.active_fraction:.1f}%, "
                       f"max err {q['max_abs_err']:.3g}, PSNR in {q['psnr_in']:.1f} dB (nothing {q['psnr_nothing_in']:.1f}), "
@@ -83,7 +83,7 @@ def test_gaugan_every_block_active_equals_dense(tiny_artefact):
     a = example_inputs("gaugan", "tiny", seed=0)
     b = example_inputs("gaugan", "tiny", seed=5)
     sess.prime(a)
-    h, w = sess.mask_spec["height"], sess.mask_spec["width"]
+    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     got = sess.edit(b, mask=np.ones((h, w), bool), mode="sparse")["image"]
     assert sess.last.active_fraction == 1.0
     np.testing.assert_allclose(got, sess.dense(b)["image"], atol=1e-4, rtol=0)

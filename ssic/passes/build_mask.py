@@ -86,3 +86,43 @@ def build_mask_graph(input_hw: tuple[int, int], grids: list[Grid], *, radius: in
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="ssic")
     model.ir_version = 10
     return model
+
+
+def with_mask_sources(core: onnx.ModelProto, sources, mask_hw: tuple[int, int]) -> onnx.ModelProto:
+    """Feed ``core`` (input ``ssic.mask`` at ``mask_hw``) from one mask per spatial model input.
+
+    Each source ``s`` (``ssic.artefact.MaskSource``) becomes an input ``s.mask_input`` float32
+    ``[1, 1, s.height, s.width]``, resized *conservatively* to ``mask_hw`` (a pixel is set when any
+    source pixel it overlaps is set: max-pooling where the source is finer, nearest replication where
+    it is coarser, one extra pixel of growth where the ratio is not an integer), and the union
+    (``Max``) of all sources replaces ``ssic.mask``. With one source at ``mask_hw`` named
+    ``ssic.mask`` the core graph is returned unchanged.
+    """
+    if len(sources) == 1 and sources[0].mask_input == "ssic.mask" and \
+            (sources[0].height, sources[0].width) == tuple(mask_hw):
+        return core
+    b = _Builder()
+    parts = []
+    H, W = mask_hw
+    for s in sources:
+        m = s.mask_input
+        h, w = s.height, s.width
+        ky, kx = (-(-h // H) if h > H else 1), (-(-w // W) if w > W else 1)
+        if ky > 1 or kx > 1:
+            m = b.op("MaxPool", [m], kernel_shape=[ky, kx], strides=[ky, kx], ceil_mode=1)
+            h, w = -(-h // ky), -(-w // kx)
+        if (h, w) != (H, W):
+            m = b.op("Resize", [m, "", "", b.const(np.array([1, 1, H, W], np.int64))], mode="nearest",
+                     coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+            if H % h or W % w:
+                m = b.op("MaxPool", [m], kernel_shape=[3, 3], pads=[1, 1, 1, 1])
+        parts.append(m)
+    b.op("Max", parts, output="ssic.mask") if len(parts) > 1 else b.op("Identity", parts, output="ssic.mask")
+    g = core.graph
+    nodes = list(b.nodes) + list(g.node)
+    inits = list(b.inits) + list(g.initializer)
+    inputs = [helper.make_tensor_value_info(s.mask_input, TensorProto.FLOAT, [1, 1, s.height, s.width]) for s in sources]
+    graph = helper.make_graph(nodes, g.name, inputs, list(g.output), inits)
+    model = helper.make_model(graph, opset_imports=list(core.opset_import), producer_name="ssic")
+    model.ir_version = core.ir_version
+    return model

@@ -29,8 +29,20 @@ POINTWISE = {
 WINDOWED = {"Conv", "MaxPool", "AveragePool"}
 
 
-def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[int, int], opset: int = 18) -> onnx.ModelProto:
-    """The mask graph of exact mode: input ``ssic.mask`` -> ``ssic.tiles.<HxW>`` per grid."""
+def _is_nhwc(v: ir.Value) -> bool:
+    """A graph input consumed only by ``Transpose(perm=[0, 3, 1, 2])`` (an NHWC export)."""
+    users = [u for u, _ in v.uses()]
+    return v.is_graph_input() and bool(users) and all(
+        u.op_type == "Transpose" and list(u.attributes.get_ints("perm", [])) == [0, 3, 1, 2] for u in users)
+
+
+def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[int, int], opset: int = 18,
+                           sources: dict[str, str] | None = None) -> onnx.ModelProto:
+    """The mask graph of exact mode: one change mask per spatial input -> ``ssic.tiles.<HxW>`` per grid.
+
+    ``sources`` maps a model input's name to its mask input's name (float32 ``[1, 1, H, W]`` at that
+    input's own resolution); without it, the input at ``mask_hw`` is fed by ``ssic.mask``.
+    """
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     counter = [0]
@@ -51,10 +63,21 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
 
     masks: dict[ir.Value, object] = {}
     graph = model.graph
+    mask_inputs: list[tuple[str, tuple[int, int]]] = []
     for v in graph.inputs:
         hw = spatial_hw(v)
-        if hw == mask_hw:
+        if sources is not None:
+            if v.name in sources:
+                shape = static_shape(v)
+                nhwc = _is_nhwc(v)
+                hw = (shape[1], shape[2]) if nhwc else hw
+                masks[v] = sources[v.name]
+                mask_inputs.append((sources[v.name], hw))
+            elif hw is not None:
+                masks[v] = ALL
+        elif hw == mask_hw:
             masks[v] = "ssic.mask"
+            mask_inputs.append(("ssic.mask", hw))
         elif hw is not None:
             masks[v] = ALL
         # non-image inputs (timestep, class label) must equal the primed values: the runtime checks
@@ -67,6 +90,9 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         result: object
         if ALL in changed:
             result = ALL
+        elif node.op_type == "Transpose" and list(node.attributes.get_ints("perm", [])) == [0, 3, 1, 2] \
+                and node.inputs[0] in masks and _is_nhwc(node.inputs[0]):
+            result = masks[node.inputs[0]]  # an NHWC input's change mask is already [1, 1, H, W]
         elif node.op_type in WINDOWED and node.domain == "" and spatial_hw(node.inputs[0]) is not None:
             m = masks.get(node.inputs[0])
             if node.op_type == "Conv":
@@ -140,9 +166,9 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         if everything or not parts:
             base = const(np.ones((1, 1, grid.height, grid.width), np.float32)) if everything else \
                 const(np.zeros((1, 1, grid.height, grid.width), np.float32))
-            if everything:
+            if everything and mask_inputs:
                 # keep a data dependency on the mask so the graph is uniform
-                base = op("Max", [base, op("Mul", [op("ReduceMax", ["ssic.mask"], keepdims=1), const(np.zeros((1, 1, 1, 1), np.float32))])])
+                base = op("Max", [base, op("Mul", [op("ReduceMax", [mask_inputs[0][0]], keepdims=1), const(np.zeros((1, 1, 1, 1), np.float32))])])
             merged = base
         else:
             merged = parts[0] if len(parts) == 1 else op("Max", sorted(set(parts)))
@@ -155,7 +181,7 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         outputs.append(helper.make_tensor_value_info(grid.tiles_input, TensorProto.INT64, [f"n_{grid.name}", 2]))
 
     g = helper.make_graph(nodes, "ssic_exact_mask",
-                          [helper.make_tensor_value_info("ssic.mask", TensorProto.FLOAT, [1, 1, *mask_hw])],
+                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, *hw]) for n, hw in mask_inputs],
                           outputs, inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="ssic")
     m.ir_version = 10

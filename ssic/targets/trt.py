@@ -123,13 +123,19 @@ def _onnx_io(path: Path) -> dict[str, dict]:
     return out
 
 
-def opt_tiles(manifest: dict) -> dict[str, int]:
+def _as_dict(manifest) -> dict:
+    """The manifest as plain JSON data (the builders below read the artefact's JSON layout)."""
+    return manifest.model_dump() if hasattr(manifest, "model_dump") else manifest
+
+
+def opt_tiles(manifest) -> dict[str, int]:
     """The profile's ``opt`` tile count per grid name: ~``opt_fraction`` of the cells (default 5 %).
 
     Overrides, most specific first: ``manifest["trt_options"]["opt_tiles"][grid]``, then
     ``manifest["trt_options"]["opt_fraction"]``, then the environment variable ``SSIC_TRT_OPT_FRACTION``.
     Raises ``SSICError`` for a value the profile cannot cover (outside ``1 .. num_cells``).
     """
+    manifest = _as_dict(manifest)
     options = manifest.get("trt_options") or {}
     fraction = options.get("opt_fraction", os.environ.get("SSIC_TRT_OPT_FRACTION", DEFAULT_OPT_FRACTION))
     try:
@@ -157,8 +163,9 @@ def opt_tiles(manifest: dict) -> dict[str, int]:
     return out
 
 
-def _tile_profiles(manifest: dict) -> dict[str, dict]:
+def _tile_profiles(manifest) -> dict[str, dict]:
     """``{tiles input name: {"grid", "min", "opt", "max"}}`` for every grid's active-tile input."""
+    manifest = _as_dict(manifest)
     opt = opt_tiles(manifest)
     return {g["tiles_input"]: {"grid": g["name"], "min": [1, 2], "opt": [opt[g["name"]], 2],
                                "max": [int(g["num_cells"]), 2]} for g in manifest["grids"]}
@@ -368,7 +375,7 @@ def _build_fused_sparse(trt: TensorRT, out_dir: Path, profiles: dict[str, dict],
     return entry, info
 
 
-def build_trt_artefact(out_dir: Path, manifest: dict, log: Callable[[str], None] | None = None) -> dict:
+def build_trt_artefact(out_dir: Path, manifest, log: Callable[[str], None] | None = None) -> dict:
     """Build the TensorRT engines of an artefact directory; returns the manifest's ``"trt"`` entry.
 
     ``out_dir`` holds the compiler's ONNX graphs. Engines are written next to them as
@@ -378,6 +385,7 @@ def build_trt_artefact(out_dir: Path, manifest: dict, log: Callable[[str], None]
     """
     log = log or (lambda msg: None)
     out_dir = Path(out_dir)
+    manifest = _as_dict(manifest)
     trt = import_tensorrt()
     options = manifest.get("trt_options") or {}
     level = options.get("builder_optimization_level")
@@ -418,9 +426,9 @@ def gpu_available() -> tuple[bool, str]:
     return True, ""
 
 
-def check_tile_count(manifest: dict, grid: str, n: int) -> None:
+def check_tile_count(manifest, grid: str, n: int) -> None:
     """Raise ``SSICError`` unless ``n`` active tiles of ``grid`` lie in the engines' profile range."""
-    for entry in manifest["trt"]["engines"].values():
+    for entry in _as_dict(manifest)["trt"]["engines"].values():
         for b in entry["bindings"]:
             if b.get("grid") == grid and "profile" in b:
                 lo, hi = b["profile"]["min"][0], b["profile"]["max"][0]
@@ -429,27 +437,21 @@ def check_tile_count(manifest: dict, grid: str, n: int) -> None:
                                     f"profile {lo}..{hi}; recompile the artefact")
 
 
-def load(path: str | Path, *, threads: int | None = None):
-    """Load a TensorRT artefact; returns a session with ``prime``/``edit``/``dense`` (see ssic.runtime).
+def check_loadable(path: Path, manifest) -> TensorRT:
+    """Raise ``SSICError`` unless this host can run the artefact's engines; returns the TensorRT module.
 
-    Raises ``SSICError`` when there is no GPU, no TensorRT module, or the engines were built by another
-    TensorRT flavour or version than the one importable here.
+    Needs an NVIDIA GPU and the TensorRT flavour and version that built the engines.
     """
-    from ssic.runtime import _read_manifest
-
-    path = Path(path)
-    manifest = _read_manifest(path)
-    if manifest.get("target") != "trt" or "trt" not in manifest:
-        raise SSICError(f"{path} is not a TensorRT artefact (target '{manifest.get('target')}'); load it with ssic.load")
+    rec = _as_dict(manifest).get("trt")
+    if _as_dict(manifest).get("target") != "trt" or not rec:
+        raise SSICError(f"{path} is not a TensorRT artefact; load it with ssic.load")
     ok, reason = gpu_available()
     if not ok:
-        raise SSICError(f"{path} is a TensorRT artefact ({manifest['trt']['flavour']} {manifest['trt']['version']}); "
+        raise SSICError(f"{path} is a TensorRT artefact ({rec['flavour']} {rec['version']}); "
                         f"running it needs an NVIDIA GPU and TensorRT; none is available here ({reason}). "
                         "Compile with --target ort to run on the CPU")
-    trt = import_tensorrt(manifest["trt"]["module"])
-    if trt.version != manifest["trt"]["version"]:
-        raise SSICError(f"{path} holds engines built by {trt.flavour} {manifest['trt']['version']}, but "
+    trt = import_tensorrt(rec["module"])
+    if trt.version != rec["version"]:
+        raise SSICError(f"{path} holds engines built by {trt.flavour} {rec['version']}, but "
                         f"{trt.version} is installed; recompile the artefact here")
-    from ssic.targets.trt_session import TRTSession
-
-    return TRTSession(path, manifest, trt, threads=threads)
+    return trt

@@ -1,24 +1,78 @@
-"""Running TensorRT artefacts: the ``prime``/``edit``/``dense`` API of :mod:`ssic.runtime` on engines.
+"""The TensorRT backend: the session's hooks run serialized engines on an NVIDIA GPU.
 
-Verified only on a GPU host (see docs/tensorrt.md): this machine has no GPU, so only the refusal
-path of :func:`ssic.targets.trt.load` runs in the tests here. Caches stay resident on the device:
-the prime engine's cache outputs are device buffers bound directly as the sparse engine's inputs.
-Device memory and copies use cuda-python (``pip install cuda-python``). The mask graph runs on
+Caches stay resident on the device: the prime engine's cache outputs are device buffers bound
+directly as the sparse engine's inputs (the engine bindings are the cache). The mask graph runs on
 ONNX Runtime (CPU): the host needs the tile counts to set the sparse engine's input shapes anyway.
+
+The backend talks to the GPU through two small interfaces, so its logic (binding shapes, tile-count
+profiles, int64 -> int32 index bindings, device-resident caches) is the same code whether the engines
+are real or not: :class:`Device` (allocate, upload, download) and :class:`Engine` (bindings, set an
+input, query an output shape, execute). :class:`CudaDevice` and :class:`TrtEngine` wrap cuda-python
+and TensorRT; the test suite drives the same backend with a host-memory device and engines that run
+the artefact's ONNX graphs, so the TensorRT edit path runs in CI without a GPU.
+Running real engines is verified only on a GPU host (docs/tensorrt.md).
 """
 
 from __future__ import annotations
 
-import threading
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import numpy as np
 
+from ssic.artefact import Manifest
 from ssic.errors import SSICError
-from ssic.runtime import EditStats, Session, _CacheState
-from ssic.targets.trt import TensorRT, check_tile_count
+from ssic.session import Backend, Session
+from ssic.targets.trt import check_tile_count
 
 
+class DeviceArray:
+    """A device buffer with a NumPy ``shape`` and ``dtype``; ``handle`` is the device's own."""
+
+    def __init__(self, device: Device, shape, dtype, handle) -> None:
+        self.device, self.shape, self.dtype, self.handle = device, tuple(int(s) for s in shape), np.dtype(dtype), handle
+        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def download(self) -> np.ndarray:
+        return self.device.download(self)
+
+
+class Device(ABC):
+    """Device memory: ``alloc``/``upload``/``download`` (copies are synchronous)."""
+
+    @abstractmethod
+    def alloc(self, shape, dtype) -> DeviceArray: ...
+
+    @abstractmethod
+    def upload(self, buf: DeviceArray, arr: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def download(self, buf: DeviceArray) -> np.ndarray: ...
+
+    def address(self, buf: DeviceArray) -> int:
+        return int(buf.handle)
+
+
+class Engine(ABC):
+    """One engine's execution context."""
+
+    #: ``[{"name", "mode": "input"|"output", "dtype", "onnx_dtype"?, "grid"?, "profile"?}]`` from the manifest
+    bindings: list[dict]
+
+    @abstractmethod
+    def set_input(self, name: str, buf: DeviceArray) -> None: ...
+
+    @abstractmethod
+    def output_shape(self, name: str) -> tuple[int, ...]: ...
+
+    @abstractmethod
+    def set_output(self, name: str, buf: DeviceArray) -> None: ...
+
+    @abstractmethod
+    def execute(self) -> None: ...
+
+
+# ------------------------------------------------------------------------------------- CUDA / TensorRT
 def _cudart():
     try:
         from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
@@ -37,126 +91,141 @@ def _check(result):
     return rest[0] if len(rest) == 1 else rest
 
 
-class _DeviceArray:
-    """A device buffer with a NumPy shape and dtype."""
+class CudaDevice(Device):
+    """cuda-python device memory on one stream."""
 
-    def __init__(self, cudart, shape, dtype) -> None:
-        self.cudart, self.shape, self.dtype = cudart, tuple(int(s) for s in shape), np.dtype(dtype)
-        self.nbytes = int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-        self.ptr = _check(cudart.cudaMalloc(max(self.nbytes, 1)))
+    def __init__(self) -> None:
+        self.cudart = _cudart()
+        self.stream = _check(self.cudart.cudaStreamCreate())
 
-    def upload(self, arr: np.ndarray, stream) -> None:
-        arr = np.ascontiguousarray(arr, dtype=self.dtype)
-        _check(self.cudart.cudaMemcpyAsync(self.ptr, arr.ctypes.data, self.nbytes,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyHostToDevice, stream))
-        _check(self.cudart.cudaStreamSynchronize(stream))
+    def alloc(self, shape, dtype) -> DeviceArray:
+        n = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        ptr = _check(self.cudart.cudaMalloc(max(n, 1)))
+        buf = DeviceArray(self, shape, dtype, ptr)
+        return buf
 
-    def download(self, stream) -> np.ndarray:
-        out = np.empty(self.shape, self.dtype)
-        _check(self.cudart.cudaMemcpyAsync(out.ctypes.data, self.ptr, self.nbytes,
-                                           self.cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream))
-        _check(self.cudart.cudaStreamSynchronize(stream))
+    def upload(self, buf: DeviceArray, arr: np.ndarray) -> None:
+        arr = np.ascontiguousarray(arr, dtype=buf.dtype)
+        c = self.cudart
+        _check(c.cudaMemcpyAsync(buf.handle, arr.ctypes.data, buf.nbytes, c.cudaMemcpyKind.cudaMemcpyHostToDevice,
+                                 self.stream))
+        _check(c.cudaStreamSynchronize(self.stream))
+
+    def download(self, buf: DeviceArray) -> np.ndarray:
+        out = np.empty(buf.shape, buf.dtype)
+        c = self.cudart
+        _check(c.cudaMemcpyAsync(out.ctypes.data, buf.handle, buf.nbytes, c.cudaMemcpyKind.cudaMemcpyDeviceToHost,
+                                 self.stream))
+        _check(c.cudaStreamSynchronize(self.stream))
         return out
 
-    def __del__(self) -> None:
-        try:
-            self.cudart.cudaFree(self.ptr)
-        except Exception:
-            pass
+
+class TrtEngine(Engine):
+    """A deserialized TensorRT engine and its execution context."""
+
+    def __init__(self, runtime, file: Path, bindings: list[dict], device: CudaDevice, what: str) -> None:
+        engine = runtime.deserialize_cuda_engine(file.read_bytes())
+        if engine is None:
+            raise SSICError(f"{what} could not deserialize {file.name}; recompile it here")
+        self.engine, self.context, self.bindings, self.device = engine, engine.create_execution_context(), bindings, device
+
+    def set_input(self, name, buf):
+        self.context.set_input_shape(name, buf.shape)
+        self.context.set_tensor_address(name, self.device.address(buf))
+
+    def output_shape(self, name):
+        return tuple(self.context.get_tensor_shape(name))
+
+    def set_output(self, name, buf):
+        self.context.set_tensor_address(name, self.device.address(buf))
+
+    def execute(self):
+        if not self.context.execute_async_v3(self.device.stream):
+            raise SSICError("TensorRT failed to run an engine")
+        _check(self.device.cudart.cudaStreamSynchronize(self.device.stream))
 
 
-class TRTSession(Session):
-    """A loaded TensorRT artefact; create with :func:`ssic.targets.trt.load`."""
+# ------------------------------------------------------------------------------------- the backend
+class TensorRTBackend(Backend):
+    """Runs ``prime``/``sparse``/``dense`` engines; ``mask`` on ONNX Runtime."""
 
-    def __init__(self, path: Path, manifest: dict, trt: TensorRT, *, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    name = "tensorrt"
 
-        self.path, self.manifest, self.trt, self.threads = Path(path), manifest, trt, threads
-        self._ort = ort
-        self._options = ort.SessionOptions
-        self._sessions: dict[str, object] = {}
-        self._lock = threading.RLock()
-        self._states: dict[object, _CacheState] = {}
-        self.inputs = {i["name"]: i for i in manifest["inputs"]}
-        self.output_names = [o["name"] for o in manifest["outputs"]]
-        self.grids = manifest["grids"]
-        self.mask_spec = manifest["mask"]
-        self.last = EditStats()
-        self._cudart = _cudart()
-        self._stream = _check(self._cudart.cudaStreamCreate())
-        logger = trt.module.Logger(trt.module.Logger.WARNING)
-        self._runtime = trt.module.Runtime(logger)
-        self._engines, self._contexts, self._bindings = {}, {}, {}
-        for graph, entry in manifest["trt"]["engines"].items():
-            file = self.path / entry["file"]
-            if not file.exists():
-                raise SSICError(f"{self.path} is incomplete: {file.name} is missing; recompile the artefact")
-            engine = self._runtime.deserialize_cuda_engine(file.read_bytes())
-            if engine is None:
-                raise SSICError(f"{trt.flavour} {trt.version} could not deserialize {file.name}; recompile it here")
-            self._engines[graph] = engine
-            self._contexts[graph] = engine.create_execution_context()
-            self._bindings[graph] = {b["name"]: b for b in entry["bindings"]}
-        self._session("mask")
+    def __init__(self, path: Path, manifest: Manifest, engines: dict[str, Engine], device: Device,
+                 mask_runner) -> None:
+        self.path, self.manifest, self.engines, self.device = Path(path), manifest, engines, device
+        self.mask_runner = mask_runner  # callable: {mask input: float32 [1,1,h,w]} -> {tiles input: [n, 2]}
+        self.output_names = manifest.output_names
+        self.cache_names = [c.name for c in manifest.caches]
 
-    def _session(self, which: str):
-        if which != "mask":
-            raise SSICError(f"the TensorRT session runs {which} as an engine, not with ONNX Runtime")
-        return super()._session(which)
-
-    def _execute(self, graph: str, host: dict[str, np.ndarray], device: dict[str, _DeviceArray]) -> dict:
+    def _execute(self, graph: str, host: dict[str, np.ndarray], device: dict[str, DeviceArray]) -> dict:
         """Run one engine; ``host`` inputs are uploaded, ``device`` inputs bound as they are; returns outputs."""
-        ctx, keep = self._contexts[graph], []
+        engine = self.engines[graph]
         outputs = {}
-        for name, b in self._bindings[graph].items():
-            if b["mode"] == "input":
-                if name in device:
-                    buf = device[name]
-                elif name in host:
-                    arr = host[name]
-                    if b.get("onnx_dtype"):  # e.g. int64 tile indices bound as int32
-                        arr = arr.astype(b["dtype"])
-                    buf = _DeviceArray(self._cudart, arr.shape, b["dtype"])
-                    buf.upload(arr, self._stream)
-                    keep.append(buf)
-                else:
-                    raise SSICError(f"no value for the {graph} engine's input '{name}'")
-                ctx.set_input_shape(name, buf.shape)
-                ctx.set_tensor_address(name, int(buf.ptr))
-        for name, b in self._bindings[graph].items():
+        for b in engine.bindings:
+            name = b["name"]
+            if b["mode"] != "input":
+                continue
+            if name in device:
+                buf = device[name]
+            elif name in host:
+                arr = host[name]
+                if b.get("onnx_dtype"):  # e.g. int64 tile indices bound as int32
+                    arr = arr.astype(b["dtype"])
+                buf = self.device.alloc(arr.shape, b["dtype"])
+                self.device.upload(buf, arr)
+            else:
+                raise SSICError(f"no value for the {graph} engine's input '{name}'")
+            engine.set_input(name, buf)
+        for b in engine.bindings:
             if b["mode"] == "output":
-                buf = _DeviceArray(self._cudart, tuple(ctx.get_tensor_shape(name)), b["dtype"])
-                ctx.set_tensor_address(name, int(buf.ptr))
-                outputs[name] = buf
-        if not ctx.execute_async_v3(self._stream):
-            raise SSICError(f"TensorRT failed to run the {graph} engine")
-        _check(self._cudart.cudaStreamSynchronize(self._stream))
+                buf = self.device.alloc(engine.output_shape(b["name"]), b["dtype"])
+                engine.set_output(b["name"], buf)
+                outputs[b["name"]] = buf
+        engine.execute()
         return outputs
 
-    def dense(self, inputs: dict) -> dict[str, np.ndarray]:
-        """Run the plain model engine; returns ``{output name: array}``."""
-        outs = self._execute("dense", self._check_inputs(inputs), {})
-        return {n: outs[n].download(self._stream) for n in self.output_names}
+    def run_dense(self, inputs):
+        outs = self._execute("dense", inputs, {})
+        return {n: outs[n].download() for n in self.output_names}
 
-    def prime(self, inputs: dict, cache_id: object = 0) -> dict[str, np.ndarray]:
-        """Run the prime engine, keep its caches on the device under ``cache_id``; returns the outputs."""
-        arrays = self._check_inputs(inputs)
-        outs = self._execute("prime", arrays, {})
-        outputs = {n: outs[n].download(self._stream) for n in self.output_names}
-        caches = {c["name"]: outs[c["name"]] for c in self.manifest["caches"]}
-        nbytes = sum(b.nbytes for b in caches.values())
-        with self._lock:
-            self._states[cache_id] = _CacheState({k: v.copy() for k, v in arrays.items()}, outputs, caches, nbytes)
-        return {k: v.copy() for k, v in outputs.items()}
+    def run_prime(self, inputs):
+        outs = self._execute("prime", inputs, {})
+        outputs = {n: outs[n].download() for n in self.output_names}
+        caches = {n: outs[n] for n in self.cache_names}
+        return outputs, caches, sum(b.nbytes for b in caches.values())
 
-    def _run_sparse(self, arrays, tiles, state: _CacheState) -> dict[str, np.ndarray]:
-        host = dict(arrays)
-        for g in self.grids:
-            idx = np.ascontiguousarray(tiles[g["name"]], dtype=np.int64).reshape(-1, 2)
+    def run_sparse(self, inputs, tiles, caches):
+        host = dict(inputs)
+        for g in self.manifest.grids:
+            idx = np.ascontiguousarray(tiles[g.tiles_input], dtype=np.int64).reshape(-1, 2)
             if idx.shape[0] == 0:
                 # profiles start at 1 tile: recomputing an unchanged tile reproduces its cached value
                 idx = np.zeros((1, 2), np.int64)
-            check_tile_count(self.manifest, g["name"], int(idx.shape[0]))
-            host[g["tiles_input"]] = idx
-        outs = self._execute("sparse", host, state.caches)
-        return {n: outs[n].download(self._stream) for n in self.output_names}
+            check_tile_count(self.manifest, g.name, int(idx.shape[0]))
+            host[g.tiles_input] = idx
+        outs = self._execute("sparse", host, caches)
+        return {n: outs[n].download() for n in self.output_names}
+
+    def run_mask(self, masks):
+        return self.mask_runner(masks)
+
+
+def load_trt(path: Path, manifest: Manifest, *, threads: int | None = None) -> Session:
+    """A :class:`ssic.session.Session` on TensorRT engines (needs an NVIDIA GPU and TensorRT)."""
+    from ssic.targets.ort import OrtBackend
+    from ssic.targets.trt import check_loadable
+
+    trt = check_loadable(path, manifest)
+    device = CudaDevice()
+    logger = trt.module.Logger(trt.module.Logger.WARNING)
+    runtime = trt.module.Runtime(logger)
+    engines = {}
+    for graph, entry in manifest.trt["engines"].items():
+        file = Path(path) / entry["file"]
+        if not file.exists():
+            raise SSICError(f"{path} is incomplete: {file.name} is missing; recompile the artefact")
+        engines[graph] = TrtEngine(runtime, file, entry["bindings"], device, f"{trt.flavour} {trt.version}")
+    mask = OrtBackend.mask_only(path, manifest, threads=threads)
+    backend = TensorRTBackend(path, manifest, engines, device, mask.run_mask)
+    return Session(path, manifest, backend, threads=threads)

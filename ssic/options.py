@@ -1,0 +1,147 @@
+"""Compile options, resolved in one place.
+
+Every option of ``ssic compile`` / ``ssic.compile`` is one field of :class:`CompileOptions`. Its value
+comes from, in order of precedence: the caller (CLI flag or Python keyword), the model's metadata
+(``ssic.<option>`` entries, e.g. written by ``ssic export``), the model family's defaults
+(:data:`FAMILY_DEFAULTS`, keyed by the ``ssic.model`` metadata), and the field's default.
+:func:`resolve_options` returns one frozen object and records where each value came from; the whole
+object lands in the artefact's manifest (``options``).
+
+Adding an option is two edits: a field here (its ``json_schema_extra`` gives the CLI flag and help;
+``ssic compile``'s flags are generated from this table) and the code that uses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ssic.errors import SSICError
+
+
+def _opt(default: Any, help: str, *, flag: str | None = None, metavar: str | None = None,
+         cli: bool = True, ge: float | None = None, gt: float | None = None, le: float | None = None) -> Any:
+    extra = {"help": help, "cli": cli}
+    if flag:
+        extra["flag"] = flag
+    if metavar:
+        extra["metavar"] = metavar
+    kw = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le)) if v is not None}
+    return Field(default, json_schema_extra=extra, **kw)
+
+
+class CompileOptions(BaseModel):
+    """The resolved options of one compile (frozen). See ``ssic compile --help`` for each one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: Literal["ort", "trt"] = _opt("ort", "ort = ONNX Runtime CPU; trt = TensorRT engines.")
+    lowering: Literal["fused", "standard"] | None = _opt(
+        None, "fused = ssic custom ops (fast); standard = stock ONNX ops only (portable). Default: fused "
+        "for ort; for trt fused where the ssic TensorRT plugins load, else standard.")
+    exact: bool = _opt(False, "Propagate the mask through every receptive field: exact for graphs without "
+                       "global ops (no GroupNorm/attention).")
+    sparse_min_res: int | None = _opt(None, "Convs whose output min(H, W) >= this run sparse (default: the "
+                                      "model family's, else every resolution with convs).", ge=1)
+    tile: int | None = _opt(None, "Tile size for every sparse resolution (default 2).", ge=1, le=64)
+    tiles: dict[str, int] = _opt({}, "Tile size per resolution (repeatable).", flag="--tile-size",
+                                 metavar="HxW=T")
+    mask_eps: float = _opt(1e-6, "Difference threshold of the edit mask (|edited - original| > eps).", ge=0)
+    mask_radius: int = _opt(1, "Dilation radius of the edit mask (pixels).", ge=0, le=256)
+    level_dilation: int = _opt(1, "Dilation of each lower-resolution mask of the pyramid.", ge=0, le=64)
+    halo: int = _opt(1, "Grow every grid's active region by this many pixels.", ge=0, le=256)
+    halos: dict[str, int] = _opt({}, "Halo per resolution (repeatable).", flag="--halo-size", metavar="HxW=N")
+    fallback_ratio: float = _opt(0.6, "Run dense when sparse MACs exceed this fraction of dense MACs.",
+                                 gt=0, le=10)
+    gn_stats: Literal["incremental", "cached"] = _opt(
+        "incremental", "GroupNorm statistics in sparse runs: corrected with the edited tiles, or the "
+        "original's (SIGE).")
+    disabled_passes: list[str] = _opt([], "Skip an optional pass (repeatable; `ssic compile -v` lists them).",
+                                      flag="--disable-pass", metavar="NAME")
+    input_shapes: dict[str, list[int]] = _opt({}, "Fix a dynamic input shape (repeatable; Polygraphy's "
+                                              "convention).", flag="--input-shape", metavar="NAME:1x3x256x256")
+    sources: dict[str, str] = Field(default_factory=dict, json_schema_extra={"cli": False, "help": ""})
+
+    def record(self) -> dict[str, Any]:
+        return self.model_dump()
+
+
+#: Options documented on the command line, in order: name -> (flag, help, metavar).
+def cli_table() -> list[tuple[str, dict[str, Any]]]:
+    """The CLI's view of :class:`CompileOptions`: ``[(field name, extra)]`` for every CLI option."""
+    out = []
+    for name, f in CompileOptions.model_fields.items():
+        extra = dict(f.json_schema_extra or {})
+        if extra.get("cli", True) and name != "sources":
+            out.append((name, extra))
+    return out
+
+
+#: Per-family defaults, keyed by the ``ssic.model`` metadata that ``ssic export`` writes. A graph
+#: from elsewhere gets the generic defaults (the plan still comes from the graph).
+FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
+    # DDIM/PD: the anchor makes >= 64 sparse; ssic also makes 32 sparse (measured: MAC ratio 7.2x -> 10.2x
+    # at a 1.2% edit with the same quality), see BENCHMARKS.md. --sparse-min-res 64 gives the anchor split.
+    "ddim": {"sparse_min_res": 32, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1},
+    "pd": {"sparse_min_res": 32, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1},
+    # GauGAN: the output inside the edit depends on the last three 3x3 convs at 256x512 and two at
+    # 128x256; growing the active region there by that much makes it exact inside the edit (measured
+    # 122 dB vs 30 dB with 1), at lower resolutions a halo of 1 is enough (BENCHMARKS.md).
+    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2,
+               "halos": {"256x512": 3, "128x256": 2}},
+}
+
+#: Options that a model's metadata may set (``ssic.<name>``), parsed as the field's type.
+_METADATA_OPTIONS = ("sparse_min_res", "mask_eps", "mask_radius", "level_dilation", "halo", "tile",
+                     "fallback_ratio", "gn_stats")
+
+
+def _metadata_value(name: str, text: str) -> Any:
+    if name in ("mask_eps", "fallback_ratio"):
+        return float(text)
+    if name == "gn_stats":
+        return text
+    return int(float(text))
+
+
+def resolve_options(given: dict[str, Any], metadata: dict[str, str] | None = None) -> CompileOptions:
+    """Resolve ``given`` (caller's values; ``None`` means unset) against model metadata and family
+    defaults into one :class:`CompileOptions`. Raises ``SSICError`` (one line) on a bad value."""
+    metadata = metadata or {}
+    unknown = set(given) - set(CompileOptions.model_fields)
+    if unknown:
+        raise SSICError(f"unknown compile option(s): {', '.join(sorted(unknown))}")
+    family = metadata.get("ssic.model")
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for name, value in FAMILY_DEFAULTS.get(family or "", {}).items():
+        values[name], sources[name] = value, f"family:{family}"
+    for name in _METADATA_OPTIONS:
+        key = f"ssic.{name}"
+        if key in metadata:
+            try:
+                values[name] = _metadata_value(name, metadata[key])
+            except ValueError:
+                raise SSICError(f"model metadata {key}={metadata[key]!r} is not a valid value") from None
+            sources[name] = "metadata"
+    for name, value in given.items():
+        if value is None or (isinstance(value, (dict, list, set, tuple)) and not value
+                             and name not in ("disabled_passes",)):
+            continue
+        if name == "halo":
+            values.pop("halos", None)  # an explicit halo replaces the family's per-grid halos
+        values[name] = sorted(value) if isinstance(value, set) else value
+        sources[name] = "given"
+    if values.get("exact"):
+        # exact mode derives every region from receptive fields: no dilation, no halo
+        values.update(mask_radius=0, halo=0, halos={})
+        sources.update(mask_radius="exact", halo="exact", halos="exact")
+    values["sources"] = sources
+    try:
+        return CompileOptions(**values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ()))
+        flag = where.replace("_", "-")
+        raise SSICError(f"invalid compile option {flag}={err.get('input')!r}: {err.get('msg')}") from None

@@ -1,0 +1,123 @@
+"""The ONNX Runtime backend (CPU): runs an artefact's graphs with ``onnxruntime.InferenceSession``.
+
+Caches stay resident as ``OrtValue``s returned by the prime graph and are bound, without a copy, as
+inputs of the sparse graph (IOBinding). Fused artefacts register the ssic op library
+(:mod:`ssic.library`) in every session that needs it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from ssic.artefact import Manifest
+from ssic.errors import SSICError
+from ssic.session import Backend
+
+
+class OrtBackend(Backend):
+    """Runs ``dense``, ``prime``, ``sparse`` and ``mask`` graphs on ONNX Runtime's CPU provider."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: str | Path, manifest: Manifest, *, threads: int | None = None,
+                 preload: tuple[str, ...] = ("sparse", "mask")) -> None:
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.path = Path(path)
+        self.manifest = manifest
+        self.threads = threads
+        self._sessions: dict[str, object] = {}
+        self._lock = threading.RLock()
+        self._fused = manifest.lowering == "fused" and "sparse" in preload
+        if self._fused:
+            from ssic.library import library_version
+
+            want = manifest.custom_op_library.version if manifest.custom_op_library else None
+            have = library_version()
+            if want and want != have:
+                raise SSICError(f"{self.path} needs libssic_ort version {want}, the installed one is {have}; "
+                                "recompile the artefact or reinstall ssic (`pip install -e .`)")
+        self.output_names = manifest.output_names
+        self.cache_names = [c.name for c in manifest.caches]
+        for which in preload:
+            self.session(which)
+
+    @classmethod
+    def mask_only(cls, path: str | Path, manifest: Manifest, *, threads: int | None = None) -> OrtBackend:
+        """A backend that runs only the mask graph (stock ONNX ops), for other targets' sessions."""
+        return cls(path, manifest, threads=threads, preload=("mask",))
+
+    def _options(self, which: str = ""):
+        if self._fused and which != "mask":
+            from ssic.library import make_session_options
+
+            return make_session_options(self.threads)
+        so = self._ort.SessionOptions()
+        if self.threads:
+            so.intra_op_num_threads = int(self.threads)
+            so.inter_op_num_threads = 1
+        return so
+
+    def session(self, which: str):
+        """The ``InferenceSession`` of one graph, created on first use."""
+        with self._lock:
+            if which not in self._sessions:
+                file = self.path / self.manifest.graphs[which]
+                if not file.exists():
+                    raise SSICError(f"{self.path} is incomplete: {file.name} is missing; recompile the artefact")
+                try:
+                    self._sessions[which] = self._ort.InferenceSession(str(file), self._options(which),
+                                                                       providers=["CPUExecutionProvider"])
+                except Exception as exc:
+                    raise SSICError(f"cannot load {file.name}: {str(exc).splitlines()[0][:300]}") from None
+            return self._sessions[which]
+
+    def run_dense(self, inputs):
+        outs = self.session("dense").run(self.output_names, inputs)
+        return dict(zip(self.output_names, outs, strict=True))
+
+    def run_prime(self, inputs):
+        sess = self.session("prime")
+        io = sess.io_binding()
+        for name, arr in inputs.items():
+            io.bind_cpu_input(name, arr)
+        names = [o.name for o in sess.get_outputs()]
+        for name in names:
+            io.bind_output(name, "cpu")
+        sess.run_with_iobinding(io)
+        values = dict(zip(names, io.get_outputs(), strict=True))
+        outputs = {n: values[n].numpy() for n in self.output_names}
+        caches = {n: values[n] for n in self.cache_names}
+        nbytes = self.manifest.cache_bytes()
+        return outputs, caches, nbytes
+
+    def run_sparse(self, inputs, tiles, caches):
+        sess = self.session("sparse")
+        io = sess.io_binding()
+        wanted = {i.name for i in sess.get_inputs()}
+        for name, arr in inputs.items():
+            if name in wanted:
+                io.bind_cpu_input(name, arr)
+        for name, idx in tiles.items():
+            if name in wanted:
+                io.bind_cpu_input(name, np.ascontiguousarray(idx, dtype=np.int64))
+        for name, value in caches.items():
+            if name in wanted:
+                io.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            io.bind_output(name, "cpu")
+        sess.run_with_iobinding(io)
+        return {n: v.numpy() for n, v in zip(self.output_names, io.get_outputs(), strict=True)}
+
+    def run_mask(self, masks):
+        sess = self.session("mask")
+        names = [o.name for o in sess.get_outputs()]
+        return dict(zip(names, sess.run(names, masks), strict=True))
+
+    def close(self) -> None:
+        with self._lock:
+            self._sessions.clear()
