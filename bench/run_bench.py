@@ -45,14 +45,14 @@ def machine() -> str:
 
 
 def prepare(name: str, out: Path, log, extra: dict | None = None, tag: str = "") -> Path:
-    from ssic.cli import _tag_model
     from ssic.models import export_model
+    from ssic.models.export import tag_model
 
     onnx_path = out / f"{name}_full.onnx"
     if not onnx_path.exists():
         log(f"[{name}] exporting the full preset")
         export_model(name, "full", onnx_path, seed=0)
-        _tag_model(onnx_path, name, "full")
+        tag_model(onnx_path, name, "full")
     art = out / f"{name}_full{tag}.ssic"
     if not (art / "manifest.json").exists():
         log(f"[{name}] compiling{tag}")

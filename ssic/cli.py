@@ -71,36 +71,11 @@ def export(model: str, preset: str, seed: int, weights: str | None, output: str)
     instance edges). The file records the model family so `ssic compile` picks its mask defaults.
     """
     from ssic.models import export_model
+    from ssic.models.export import tag_model
 
     path = export_model(model, preset, output, seed=seed, weights=weights)
-    _tag_model(Path(path), model, preset)
+    tag_model(Path(path), model, preset)
     _log(f"wrote {path}", 0)
-
-
-def _tag_model(path: Path, family: str, preset: str) -> None:
-    import os
-    import tempfile
-
-    import onnx
-
-    proto = onnx.load(str(path))
-    meta = {p.key: p.value for p in proto.metadata_props}
-    meta.update({"ssic.model": family, "ssic.preset": preset})
-    del proto.metadata_props[:]
-    for k, v in meta.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = k, v
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is ordinary data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _compile_option_decorators(fn):
@@ -233,10 +208,10 @@ def inspect(path: str, as_json: bool) -> None:
         return
     import onnx
 
-    from ssic.compiler import _load_model
+    from ssic.compiler import load_model
     from ssic.macs import count_macs
 
-    proto = _load_model(p)
+    proto = load_model(p)
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1

@@ -37,7 +37,11 @@ from ssic.artefact import (
 )
 from ssic.errors import SSICError
 from ssic.options import CompileOptions, resolve_options
-from ssic.passes.analysis import check_static_batch1, plan_sparse_resolutions, spatial_hw, static_shape
+from ssic.passes.analysis import (
+    check_static_batch1,
+    plan_sparse_resolutions,
+    static_shape,
+)
 
 IR_VERSION = 10
 
@@ -246,7 +250,11 @@ def mask_sources(model: ir.Model, mask_hw: tuple[int, int]) -> list[MaskSource]:
     return out
 
 
-def _load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+def load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]] | None = None) -> onnx.ModelProto:
+    """Read and check an ONNX model; ``input_shapes`` fixes dynamic input dimensions.
+
+    Raises ``SSICError`` (one line) for a missing, unreadable or invalid model.
+    """
     path = Path(model_path)
     if not path.exists():
         raise SSICError(f"model file not found: {path}")
@@ -374,7 +382,7 @@ def compile_model(
         Path(str(model_path)).stem + f".ssic-{target or 'ort'}")
     _check_output(out, force=force, model_path=Path(str(model_path)))
 
-    proto = _load_model(model_path, given.get("input_shapes"))
+    proto = load_model(model_path, given.get("input_shapes"))
     bad = _unsupported_ops(proto)
     if bad:
         raise SSICError(f"unsupported custom-domain ops in the model: {', '.join(bad)}")

@@ -40,9 +40,9 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
     and the generated images are noise (the dense-vs-sparse comparison is what the demo shows).
     """
     import ssic
-    from ssic.cli import _tag_model
     from ssic.editing import model_to_image, sdedit
     from ssic.models import export_model
+    from ssic.models.export import tag_model
 
     out_dir.mkdir(parents=True, exist_ok=True)
     tag = f"ddim_{preset}" + ("_ckpt" if weights else "")
@@ -51,7 +51,7 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
     if not onnx_path.exists():
         log(f"exporting the DDIM UNet ({preset}, {'weights ' + str(weights) if weights else 'random weights'}) to {onnx_path}")
         export_model("ddim", preset, onnx_path, seed=0, weights=weights)
-        _tag_model(onnx_path, "ddim", preset)
+        tag_model(onnx_path, "ddim", preset)
     if not (art / "manifest.json").exists():
         log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
         ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)

@@ -30,12 +30,6 @@ ACT_IDENTITY = 0
 ACT_RELU = 1
 ACT_LEAKY_RELU = 2
 ACT_SWISH = 3
-ACTIVATIONS = {
-    "identity": ACT_IDENTITY,
-    "relu": ACT_RELU,
-    "leaky_relu": ACT_LEAKY_RELU,
-    "swish": ACT_SWISH,
-}
 
 # Source layouts (attribute ``src_layout`` of TileGather).
 LAYOUT_NHWC = 0
@@ -401,4 +395,3 @@ def tile_scatter_ref(tiles, cache, idx, residual=None, *, tile: int,
     return np.ascontiguousarray(full.transpose(2, 0, 1)[None])
 
 
-REFERENCES = {TILE_GATHER.name: tile_gather_ref, TILE_SCATTER.name: tile_scatter_ref}

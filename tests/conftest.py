@@ -20,8 +20,8 @@ def workdir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_onnx(workdir):
     """Export a tiny preset once per session: ``tiny_onnx("ddim") -> Path``."""
-    from ssic.cli import _tag_model
     from ssic.models import export_model
+    from ssic.models.export import tag_model
 
     cache: dict[str, Path] = {}
 
@@ -29,7 +29,7 @@ def tiny_onnx(workdir):
         if name not in cache:
             path = workdir / f"{name}_tiny.onnx"
             export_model(name, "tiny", path, seed=0)
-            _tag_model(path, name, "tiny")
+            tag_model(path, name, "tiny")
             cache[name] = path
         return cache[name]
 

@@ -57,13 +57,13 @@ def compress_npz(directory: Path) -> None:
 
 def make_golden(name: str, out_dir: Path, workdir: Path) -> Path:
     import ssic
-    from ssic.cli import _tag_model
     from ssic.models import export_model
+    from ssic.models.export import tag_model
     from ssic.verify import write_golden
 
     onnx_path = workdir / f"{name}_tiny.onnx"
     export_model(name, "tiny", onnx_path, seed=0)
-    _tag_model(onnx_path, name, "tiny")
+    tag_model(onnx_path, name, "tiny")
     art = ssic.compile(onnx_path, output_dir=workdir / f"{name}.ssic", force=True, **COMPILE_OPTIONS)
     sess = ssic.load(art)
     golden = out_dir / name

@@ -158,3 +158,30 @@ def export_model(name: str, preset: str, output_path: str | Path, seed: int = 0,
         module = build_model(name, preset, seed)
     model = export_module(module, example_inputs(name, preset, seed), output_names(name))
     return save_atomic(model, path)
+
+
+def tag_model(path: Path, family: str, preset: str) -> None:
+    """Record ``ssic.model`` / ``ssic.preset`` in an ONNX file's metadata (atomically, mode per umask)."""
+    import os
+    import tempfile
+
+    import onnx
+
+    proto = onnx.load(str(path))
+    meta = {p.key: p.value for p in proto.metadata_props}
+    meta.update({"ssic.model": family, "ssic.preset": preset})
+    del proto.metadata_props[:]
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save(proto, tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is ordinary data
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -30,10 +30,9 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.errors import SSICError
+from ssic.ops import ACT_IDENTITY, ACT_LEAKY_RELU, ACT_RELU, ACT_SWISH, DEFAULT_ALPHA
 
 DOMAIN = "ssic"
-ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SWISH = 0, 1, 2, 3
-DEFAULT_ALPHA = 0.01
 
 
 class _Builder:

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from ssic.ops import ACT_IDENTITY, ACT_RELU, ACT_SWISH
+from ssic.ops import ACT_LEAKY_RELU as ACT_LEAKY
 from ssic.passes.analysis import (
     ConvDecision,
     Grid,
@@ -33,8 +35,6 @@ from ssic.passes.analysis import (
     spatial_hw,
     static_shape,
 )
-
-ACT_IDENTITY, ACT_RELU, ACT_LEAKY, ACT_SWISH = 0, 1, 2, 3
 
 ELEMENTWISE_UNARY = {
     "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus",

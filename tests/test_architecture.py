@@ -1,0 +1,85 @@
+"""Structure the rest of the code relies on: no import cycles, no private names across modules, the
+manifest's JSON Schema in docs/ up to date."""
+
+from __future__ import annotations
+
+import ast
+import json
+from pathlib import Path
+
+from ssic.artefact import json_schema
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "ssic"
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports() -> dict[str, set[str]]:
+    """Every ssic module -> the ssic modules it imports (module level and inside functions)."""
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for mod, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets: list[str] = []
+            if isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+            for t in targets:
+                while t and t not in modules:
+                    t = t.rpartition(".")[0]
+                if t and t != mod and t != "ssic":
+                    graph[mod].add(t)
+    return graph
+
+
+def test_no_import_cycles():
+    graph = _imports()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+    cycles: list[list[str]] = []
+
+    def visit(m: str) -> None:
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                cycles.append(stack[stack.index(n):] + [n])
+            elif n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not cycles, "import cycles: " + "; ".join(" -> ".join(c) for c in cycles[:5])
+
+
+def test_runtime_and_targets_do_not_depend_on_the_compiler():
+    graph = _imports()
+    for mod in ("ssic.runtime", "ssic.session", "ssic.artefact", "ssic.targets.ort", "ssic.targets.trt_session"):
+        assert "ssic.compiler" not in graph[mod], f"{mod} imports the compiler"
+
+
+def test_no_private_names_imported_across_modules():
+    bad = []
+    for path in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ssic"):
+                for a in node.names:
+                    if a.name.startswith("_") and not a.name.startswith("__"):
+                        bad.append(f"{_module_name(path)} imports {node.module}.{a.name}")
+    assert not bad, bad
+
+
+def test_manifest_schema_doc_is_current():
+    doc = json.loads((ROOT / "docs" / "manifest.schema.json").read_text())
+    assert doc == json_schema(), "docs/manifest.schema.json is stale: python -m ssic.artefact --schema > docs/manifest.schema.json"
