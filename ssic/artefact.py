@@ -68,7 +68,7 @@ class MaskSpec(_Strict):
     eps: float
     radius: int
     level_dilation: int
-    halo: int
+    halo: int | None  # None: per grid, from the graph (see ``grids``)
     mode: Literal["exact", "sige-pyramid"]
 
     @property

@@ -161,15 +161,18 @@ def compile_cmd(model, output, pipeline, force, as_json, **options) -> None:
                                            else 1), **options)
     manifest = read_manifest(out)
     sparse = sum(1 for layer in manifest.layers if layer.sparse)
+    sparse_share = manifest.macs.sparse_convs_dense / max(manifest.macs.dense, 1)
     summary = {"artefact": str(out), "target": manifest.target, "lowering": manifest.lowering, "sparse_convs": sparse,
                "convs": len(manifest.layers), "grids": {g.name: g.tile for g in manifest.grids},
                "caches": len(manifest.caches), "cache_mb": round(manifest.cache_bytes() / 2**20, 1),
+               "sparse_mac_share": round(sparse_share, 4),
                "seconds": manifest.compile_seconds}
     if as_json:
         click.echo(json.dumps(summary))
     else:
         _log(f"compiled {model} -> {out} ({manifest.target}, {manifest.lowering} lowering): "
-             f"{sparse}/{len(manifest.layers)} convs sparse, grids {summary['grids']}, "
+             f"{sparse}/{len(manifest.layers)} MAC-heavy nodes sparse ({100 * sparse_share:.0f}% of the MACs), "
+             f"grids {summary['grids']}, "
              f"{len(manifest.caches)} caches ({summary['cache_mb']} MB per primed state)", 0)
 
 
@@ -203,8 +206,9 @@ def inspect(path: str, as_json: bool) -> None:
                    f"{manifest.cache_bytes() / 2**20:.1f} MB per primed state")
         for layer in manifest.layers:
             flag = "sparse" if layer.sparse else "dense "
-            click.echo(f"  {flag} {layer.node:<40} {layer.kind:<7} {layer.channels[0]:>4}->"
-                       f"{layer.channels[1]:<4} {layer.macs_dense / 1e6:>9.1f} MMACs  {layer.reason}")
+            chans = f"{layer.channels[0]:>4}->{layer.channels[1]:<4}" if any(layer.channels) else " " * 10
+            click.echo(f"  {flag} {layer.node:<40} {layer.kind:<9} {chans} {layer.macs_dense / 1e6:>9.1f} MMACs  "
+                       f"{layer.reason}")
         return
     import onnx
 

@@ -50,7 +50,9 @@ class CompileOptions(BaseModel):
     mask_eps: float = _opt(1e-6, "Difference threshold of the edit mask (|edited - original| > eps).", ge=0)
     mask_radius: int = _opt(1, "Dilation radius of the edit mask (pixels).", ge=0, le=256)
     level_dilation: int = _opt(1, "Dilation of each lower-resolution mask of the pyramid.", ge=0, le=64)
-    halo: int = _opt(1, "Grow every grid's active region by this many pixels.", ge=0, le=256)
+    halo: int | None = _opt(None, "Grow every grid's active region by this many pixels (default: the "
+                            "receptive field of the grid's conv chain, at most 4; family defaults may pin it).",
+                            ge=0, le=256)
     halos: dict[str, int] = _opt({}, "Halo per resolution (repeatable).", flag="--halo-size", metavar="HxW=N")
     fallback_ratio: float = _opt(0.6, "Run dense when sparse MACs exceed this fraction of dense MACs.",
                                  gt=0, le=10)
@@ -83,12 +85,12 @@ def cli_table() -> list[tuple[str, dict[str, Any]]]:
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # DDIM/PD: the anchor makes >= 64 sparse; ssic also makes 32 sparse (measured: MAC ratio 7.2x -> 10.2x
     # at a 1.2% edit with the same quality), see BENCHMARKS.md. --sparse-min-res 64 gives the anchor split.
-    "ddim": {"sparse_min_res": 32, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1},
-    "pd": {"sparse_min_res": 32, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1},
+    "ddim": {"sparse_min_res": 32, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1, "halo": 1},
+    "pd": {"sparse_min_res": 32, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1, "halo": 1},
     # GauGAN: the output inside the edit depends on the last three 3x3 convs at 256x512 and two at
     # 128x256; growing the active region there by that much makes it exact inside the edit (measured
     # 122 dB vs 30 dB with 1), at lower resolutions a halo of 1 is enough (BENCHMARKS.md).
-    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2,
+    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2, "halo": 1,
                "halos": {"256x512": 3, "128x256": 2}},
 }
 

@@ -76,7 +76,7 @@ ROWS = {
     "level_dilation": (3, lambda a, b: _mask_attrs(a) != _mask_attrs(b), "pyramid dilation"),
     "halo": (3, lambda a, b: {g.halo for g in read_manifest(b).grids} == {3} and _mask_attrs(a) != _mask_attrs(b),
              "halo"),
-    "halos": ({"32x32": 2}, lambda a, b: read_manifest(b).grid("32x32").halo == 2 and _mask_attrs(a) != _mask_attrs(b),
+    "halos": ({"32x32": 3}, lambda a, b: read_manifest(b).grid("32x32").halo == 3 and _mask_attrs(a) != _mask_attrs(b),
               "one grid's halo"),
     "fallback_ratio": (0.01, None, "the runtime's dense fallback"),
     "gn_stats": ("cached", lambda a, b: {c.kind for c in read_manifest(b).caches} >= {"gn_scale", "gn_shift"}

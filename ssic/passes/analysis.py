@@ -140,12 +140,14 @@ def plan_sparse_resolutions(
     tiles: dict[str, int] | None = None,
     default_tile_size: int | None = None,
     halos: dict[str, int] | None = None,
-    default_halo: int = 1,
+    default_halo: int | None = 1,
 ) -> SparsePlan:
     """Choose the sparse resolutions: every conv output resolution with ``min(H, W) >= min_res``.
 
-    ``tiles`` maps ``"HxW"`` to a tile size; unlisted resolutions get ``default_tile_size`` or
-    :func:`default_tile`.
+    ``min_res=None`` derives it from the graph (:func:`default_min_res`). ``tiles`` maps ``"HxW"`` to
+    a tile size; unlisted resolutions get ``default_tile_size`` or :func:`default_tile`. ``halos``
+    maps ``"HxW"`` to a halo; unlisted resolutions get ``default_halo``, or with ``None`` the
+    receptive-field radius of the grid's longest conv chain (:func:`chain_halos`).
     """
     conv_res: set[tuple[int, int]] = set()
     largest = 0
@@ -158,8 +160,9 @@ def plan_sparse_resolutions(
     if not conv_res:
         raise SSICError("the model has no 2-D convolution with a static [1, C, H, W] output; nothing to sparsify")
     if min_res is None:
-        min_res = max(1, largest // 4)
+        min_res = default_min_res(model, conv_res)
     plan = SparsePlan(min_res=min_res)
+    graph_halos = chain_halos(model) if default_halo is None else {}
     tiles = tiles or {}
     for hw in sorted(conv_res, key=lambda r: (-r[0] * r[1], r)):
         if min(hw) < min_res:
@@ -170,11 +173,103 @@ def plan_sparse_resolutions(
             t = default_tile_size if default_tile_size is not None else default_tile(*hw)
         if t < 1:
             raise SSICError(f"tile size for {key} must be >= 1, got {t}")
-        halo = (halos or {}).get(key, default_halo)
+        halo = (halos or {}).get(key, default_halo if default_halo is not None else graph_halos.get(hw, 1))
         if halo < 0:
             raise SSICError(f"halo for {key} must be >= 0, got {halo}")
         plan.grids[hw] = Grid(hw[0], hw[1], int(t), int(halo))
     return plan
+
+
+#: Smallest side of a resolution that is made sparse by default: below it a grid of 2x2 tiles has
+#: too few cells for an edit to leave many untouched (SIGE keeps such levels dense too).
+MIN_SPARSE_SIDE = 16
+#: Cap of the graph-derived halo: the receptive field of a long chain (a UNet level with many
+#: ResBlocks) would make every edit cover the image; beyond this the error stays bounded by the
+#: pyramid and is reported by ``ssic bench`` (see docs/architecture.md, "Tile size and halo").
+MAX_GRAPH_HALO = 4
+_GLOBAL_OPS = {"Softmax", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Attention", "MultiHeadAttention"}
+
+
+def _spatial_producers(value: ir.Value, limit: int = 64) -> set[tuple[int, int]]:
+    """Resolutions of the nearest ``[1, C, H, W]`` values upstream of ``value`` (through reshapes)."""
+    out: set[tuple[int, int]] = set()
+    seen: set[int] = set()
+    stack = [value]
+    while stack and len(seen) < limit:
+        v = stack.pop()
+        if v is None or id(v) in seen:
+            continue
+        seen.add(id(v))
+        hw = spatial_hw(v)
+        if hw is not None and min(hw) > 1:
+            out.add(hw)
+            continue
+        node = v.producer()
+        if node is not None:
+            stack.extend(i for i in node.inputs if i is not None and ir.convenience.get_const_tensor(i) is None)
+    return out
+
+
+def global_resolutions(model: ir.Model) -> set[tuple[int, int]]:
+    """Resolutions at which a global operation mixes every pixel (attention's softmax over positions,
+    global pooling, spatial mean): sparse tiles there would read a stale global value."""
+    out: set[tuple[int, int]] = set()
+    for node in model.graph:
+        op = node.op_type
+        spatial_reduce = op in ("ReduceMean", "ReduceSum", "ReduceMax") and spatial_hw(node.inputs[0]) is not None and \
+            _reduces_spatial(node)
+        if op in _GLOBAL_OPS or spatial_reduce:
+            for v in node.inputs:
+                if v is not None:
+                    out |= _spatial_producers(v)
+    return out
+
+
+def _reduces_spatial(node: ir.Node) -> bool:
+    axes = node.attributes.get_ints("axes", None)
+    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
+        t = ir.convenience.get_const_tensor(node.inputs[1])
+        axes = [int(a) for a in t.numpy().ravel()] if t is not None else None
+    if axes is None:
+        return True
+    return any(a in (2, 3, -1, -2) for a in axes)
+
+
+def default_min_res(model: ir.Model, conv_res: set[tuple[int, int]]) -> int:
+    """The sparse resolutions a graph supports: from the largest conv resolution down, every level
+    with ``min(H, W) >= MIN_SPARSE_SIDE`` until the first one with a global operation (attention in a
+    UNet's middle levels stays dense, as in SIGE). Returns the smallest ``min(H, W)`` to make sparse."""
+    globals_ = global_resolutions(model)
+    chosen = None
+    for hw in sorted(conv_res, key=lambda r: -min(r)):
+        if min(hw) < MIN_SPARSE_SIDE or hw in globals_:
+            break
+        chosen = min(hw)
+    return chosen if chosen is not None else max(conv_res, key=min)[0] + 1
+
+
+def chain_halos(model: ir.Model) -> dict[tuple[int, int], int]:
+    """Per resolution, the receptive-field radius of its longest chain of stride-1 convs (in pixels of
+    that resolution), capped at :data:`MAX_GRAPH_HALO`: growing a grid's active region by this much
+    recomputes every value inside the edit that the grid's own convs can reach."""
+    radius: dict[ir.Value, int] = {}
+    best: dict[tuple[int, int], int] = {}
+    for node in model.graph:
+        outs = [o for o in node.outputs if spatial_hw(o) is not None]
+        if not outs:
+            continue
+        hw = spatial_hw(outs[0])
+        same = [radius.get(v, 0) for v in node.inputs if v is not None and spatial_hw(v) == hw]
+        r = max(same, default=0)
+        if node.op_type == "Conv" and node.domain == "" and spatial_hw(node.inputs[0]) == hw:
+            w = static_shape(node.inputs[1]) if node.inputs[1] is not None else None
+            if w is not None and len(w) == 4:
+                dil = node.attributes.get_ints("dilations", [1, 1])
+                r += max((w[2] - 1) // 2 * dil[0], (w[3] - 1) // 2 * dil[1])
+        for o in outs:
+            radius[o] = r
+        best[hw] = max(best.get(hw, 0), r)
+    return {hw: max(1, min(r, MAX_GRAPH_HALO)) for hw, r in best.items()}
 
 
 def conv_macs(node: ir.Node) -> int:
