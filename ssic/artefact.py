@@ -237,14 +237,14 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate ``path/manifest.json``.
 
     Raises ``SSICError`` (one line) when the directory or manifest is missing, unreadable, of another
-    format version, or does not validate; and when a graph file it names is missing.
+    format version, or does not validate. Graph files are checked by the backend that loads them.
     """
     path = Path(path)
     mf = path / MANIFEST
     if not path.exists():
         raise SSICError(f"artefact not found: {path}")
     if not path.is_dir():
-        raise SSICError(f"{path} is not an artefact directory (compile one with `ssic compile`)")
+        raise SSICError(f"{path} is not an ssic artefact (not a directory); compile one with `ssic compile`")
     if not mf.exists():
         raise SSICError(f"{path} is not an ssic artefact (no {MANIFEST}); compile one with `ssic compile`")
     try:
@@ -265,10 +265,9 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err.get("loc", ()))
+        if err.get("type") == "missing":
+            raise SSICError(f"{mf} is missing '{where}'; recompile the artefact") from None
         raise SSICError(f"{mf} is invalid at '{where}': {err.get('msg')}; recompile the artefact") from None
-    for which, file in manifest.graphs.items():
-        if not (path / file).is_file():
-            raise SSICError(f"{path} is incomplete: {file} ({which} graph) is missing; recompile the artefact")
     return manifest
 
 

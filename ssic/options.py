@@ -143,7 +143,19 @@ def resolve_options(given: dict[str, Any], metadata: dict[str, str] | None = Non
     try:
         return CompileOptions(**values)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err.get("loc", ()))
-        flag = where.replace("_", "-")
-        raise SSICError(f"invalid compile option {flag}={err.get('input')!r}: {err.get('msg')}") from None
+        raise SSICError(_describe(exc.errors()[0])) from None
+
+
+def _describe(err: dict) -> str:
+    """One line for a pydantic error on a compile option, in the CLI's words."""
+    loc = [str(p) for p in err.get("loc", ())]
+    name = loc[0].replace("_", "-") if loc else "option"
+    value, kind, ctx = err.get("input"), err.get("type", ""), err.get("ctx") or {}
+    if kind == "literal_error":
+        return f"unknown {name} '{value}' (choose {ctx.get('expected', '').replace(chr(39), '')})"
+    if kind == "extra_forbidden":
+        return f"unknown compile option '{name}'"
+    for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+        if k in ctx:
+            return f"{name} must be {op} {ctx[k]}, got {value!r}"
+    return f"invalid {name} {value!r}: {err.get('msg')}"

@@ -82,14 +82,10 @@ def check_static_batch1(model: ir.Model) -> None:
             raise SSICError(f"input '{value.name}' has an empty image (shape {list(shape)})")
 
 
-def default_tile(height: int, width: int) -> int:
-    """Tile size for a resolution when the user gives none.
-
-    The conv after a gather is one MatMul over all active pixels, so its speed does not depend on the
-    tile size; smaller tiles only waste less area. 2 was fastest end to end on GauGAN (1 costs more in
-    gather bookkeeping than it saves), see BENCHMARKS.md.
-    """
-    return 2
+#: Tile size of every grid unless set. The conv after a gather is one MatMul over all active pixels,
+#: so its speed does not depend on the tile size; smaller tiles only waste less area. 2 was fastest
+#: end to end on GauGAN (1 costs more in gather bookkeeping than it saves), see BENCHMARKS.md.
+DEFAULT_TILE = 2
 
 
 @dataclass
@@ -145,7 +141,7 @@ def plan_sparse_resolutions(
     """Choose the sparse resolutions: every conv output resolution with ``min(H, W) >= min_res``.
 
     ``min_res=None`` derives it from the graph (:func:`default_min_res`). ``tiles`` maps ``"HxW"`` to
-    a tile size; unlisted resolutions get ``default_tile_size`` or :func:`default_tile`. ``halos``
+    a tile size; unlisted resolutions get ``default_tile_size`` or :data:`DEFAULT_TILE`. ``halos``
     maps ``"HxW"`` to a halo; unlisted resolutions get ``default_halo``, or with ``None`` the
     receptive-field radius of the grid's longest conv chain (:func:`chain_halos`).
     """
@@ -170,7 +166,7 @@ def plan_sparse_resolutions(
         key = f"{hw[0]}x{hw[1]}"
         t = tiles.get(key)
         if t is None:
-            t = default_tile_size if default_tile_size is not None else default_tile(*hw)
+            t = default_tile_size if default_tile_size is not None else DEFAULT_TILE
         if t < 1:
             raise SSICError(f"tile size for {key} must be >= 1, got {t}")
         halo = (halos or {}).get(key, default_halo if default_halo is not None else graph_halos.get(hw, 1))
