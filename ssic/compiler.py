@@ -21,6 +21,7 @@ import onnx_ir as ir
 
 from ssic import __version__
 from ssic.errors import SSICError
+from ssic.outputs import apply_umask_modes, check_output_dir
 from ssic.passes.analysis import (
     check_static_batch1,
     plan_sparse_resolutions,
@@ -157,8 +158,7 @@ def compile_model(
         raise SSICError(f"unknown lowering '{lowering}' (choose fused or standard)")
     out = Path(output_dir) if output_dir is not None else Path(str(model_path)).with_suffix("").with_name(
         Path(str(model_path)).stem + f".ssic-{target}")
-    if out.exists() and not force:
-        raise SSICError(f"output directory {out} exists (use --force to replace it)")
+    check_output_dir(out, force=force, protected=[model_path])  # --force replaces only an artefact
     parent = out.resolve().parent
     if not parent.exists():
         raise SSICError(f"cannot write {out}: directory {parent} does not exist")
@@ -253,6 +253,7 @@ def compile_model(
             manifest["trt"] = build_trt_artefact(tmp, manifest, log=log)
         manifest["compile_seconds"] = round(time.perf_counter() - t0, 2)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        apply_umask_modes(tmp)  # mkdtemp's 0700 would survive the rename
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

@@ -18,6 +18,7 @@ import numpy as np
 
 from ssic.compiler import FORMAT_VERSION, sparse_macs
 from ssic.errors import SSICError
+from ssic.library import check_threads
 
 
 @dataclass
@@ -50,6 +51,8 @@ def _read_manifest(path: Path) -> dict:
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SSICError(f"{mf} is corrupt (not valid JSON); recompile the artefact") from None
+    except OSError as exc:
+        raise SSICError(f"cannot read {mf}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "ssic-artefact":
         raise SSICError(f"{mf} is not an ssic manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -72,7 +75,7 @@ class Session:
         if self.manifest["target"] != "ort":
             raise SSICError(f"{self.path} was compiled for target '{self.manifest['target']}'; "
                             "load it with ssic.targets.trt.load (needs a GPU and TensorRT)")
-        self.threads = threads
+        self.threads = threads = check_threads(threads)
         fused = self.manifest.get("lowering") == "fused"
         if fused:
             from ssic.library import library_version, make_session_options

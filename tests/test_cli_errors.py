@@ -332,6 +332,11 @@ def test_output_dir_exists_without_force(net, tmp_path):
     assert_one_line_error(run_cli("compile", net["onnx"], "-o", out, "--exact", "--sparse-min-res", 8, "--tile", 4),
                           "exists.*--force")
     assert (out / "keep.txt").read_text() == "mine"  # untouched
+    # --force refuses an ordinary folder (issue 16: it deleted the user's files) ...
+    assert_one_line_error(run_cli("compile", net["onnx"], "-o", out, "--exact", "--sparse-min-res", 8, "--tile", 4,
+                                  "--force"), "not an ssic artefact")
+    assert (out / "keep.txt").read_text() == "mine"
+    shutil.copy(Path(net["art"]) / "manifest.json", out / "manifest.json")  # ... and replaces an artefact
     # --force replaces it atomically with a working artefact
     proc = run_cli("compile", net["onnx"], "-o", out, "--exact", "--sparse-min-res", 8, "--tile", 4, "--force")
     assert proc.returncode == 0, proc.stderr
