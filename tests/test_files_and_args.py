@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from PIL import Image
 
@@ -473,3 +475,141 @@ def test_export_without_the_torch_extra_names_it(tmp_path):
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "pip install 'ssic[torch]'" in lines[0] and "onnxscript" in lines[0]
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------- property: random command lines
+
+PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@pytest.fixture(scope="module")
+def playground(arts, tmp_path_factory):
+    """A folder of good and bad inputs: images of the model's size and not, masks, arrays, junk."""
+    d = tmp_path_factory.mktemp("play")
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 256, (H, W, 3), dtype=np.uint8)
+    b = a.copy()
+    b[4:12, 8:20] = 255 - b[4:12, 8:20]
+    Image.fromarray(a).save(d / "a.png")
+    Image.fromarray(b).save(d / "b.png")
+    Image.fromarray(a[..., 0].astype(np.uint16) * 257).save(d / "g16.png")
+    Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(d / "big.png")
+    rgba = np.zeros((H, W, 4), np.uint8)
+    rgba[4:12, 8:20] = 255
+    Image.fromarray(rgba).save(d / "m.png")
+    Image.fromarray(np.zeros((40, 48), np.uint8)).save(d / "mbig.png")
+    np.save(d / "a.npy", rng.standard_normal((1, 3, H, W)).astype(np.float32))
+    np.save(d / "b.npy", rng.standard_normal((1, 3, H, W)).astype(np.float32))
+    np.save(d / "mask.npy", rgba[..., 3] > 0)
+    (d / "garbage.npy").write_bytes(b"\x93NUMPY nonsense")
+    (d / "notes.txt").write_text("a user's notes")
+    (d / "sub").mkdir()
+    (d / "sub" / "keep.txt").write_text("keep")
+    (d / "out").mkdir()
+    shutil.copy(arts["net_onnx"], d / "m.onnx")
+    shutil.copytree(arts["net"], d / "art.ssic")
+    return d
+
+
+def _changed(before: dict, after: dict, allowed: set[str]) -> list[str]:
+    keys = set(before) | set(after)
+    return sorted(k for k in keys if before.get(k) != after.get(k)
+                  and not any(k == a or k.startswith(a + "/") for a in allowed))
+
+
+@PROPERTY
+@given(data=st.data())
+def test_random_edit_command_lines(arts, playground, data):
+    """Any combination of good and bad arguments: success, or one error line with exit 2; nothing
+    outside -o changes."""
+    d = playground
+    files = ["a.png", "b.png", "g16.png", "big.png", "a.npy", "b.npy", "garbage.npy", "notes.txt", "none.png", "sub"]
+    pick = data.draw
+    # half the draws use only values that are valid on their own (most of those lines succeed)
+    valid = pick(st.booleans())
+
+    def choose(good: list, bad: list):
+        return pick(st.sampled_from(good if valid else good + bad))
+
+    art = choose([str(arts["ddim"]), str(arts["net"])], [str(d / "none.ssic"), str(d / "notes.txt")])
+    if art == str(arts["net"]):
+        pair = choose([("a.npy", "b.npy")], [])
+    else:
+        pair = choose([("a.png", "b.png"), ("g16.png", "a.png"), ("big.png", "big.png")], [])
+    if not valid:
+        pair = (pick(st.sampled_from(files)), pick(st.sampled_from(files)))
+    args = ["edit", art, "--original", d / pair[0], "--edited", d / pair[1]]
+    big = pair[0] == "big.png"
+    options = {
+        "--mask": (["mbig.png"] if big else ["m.png", "mask.npy"], ["mbig.png", "m.png", "garbage.npy", "none.png"]),
+        "--resize": (["fit", "crop", "pad"] if big or art != str(arts["net"]) else [], ["zoom", "fit"]),
+        "--steps": (["1", "2"], ["0", "x"]),
+        "--strength": (["0.3", "1"], ["0", "nan"]),
+        "--threads": (["1", "2"], ["0", "999999", "two"]),
+        "--seed": (["0", "7"], ["-1"]),
+        "--input": ([], ["t=A", "bogus", "x=NONE", "=A"]),
+    }
+    flags = [f for f in sorted(options) if options[f][0] or not valid]
+    for flag in pick(st.lists(st.sampled_from(flags), unique=True, max_size=4)):
+        value = choose(*options[flag])
+        if flag == "--mask":
+            value = d / value
+        args += [flag, value.replace("A", str(d / "a.npy")).replace("NONE", str(d / "none.npy"))
+                 if flag == "--input" else value]
+    if big and valid and "--resize" not in args:
+        args += ["--resize", "pad"]
+    out = choose(["out/o.png", "out/o.npy", "out/o.jpg", "out/O.NPY"],
+                 ["out/o.txt", "nodir/o.png", "a.npy", "out", "notes.txt/o.png", "sub"])
+    args += ["-o", d / out]
+    before = snapshot(d)
+    code, err = cli(*args)
+    after = snapshot(d)
+    event(f"exit {code}")
+    assert code in (0, 2), (args, code, err)
+    if code == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+    else:
+        assert (d / out).is_file() and (d / out).stat().st_size > 0, args
+    assert _changed(before, after, {out}) == [], args
+    if code == 0:
+        (d / out).unlink()
+
+
+@settings(PROPERTY, max_examples=12)
+@given(data=st.data())
+def test_random_compile_command_lines(arts, playground, data):
+    """compile with random -o (new, an artefact, a user's folder, the working folder, its parent,
+    the model's folder), --force or not, good and bad options: nothing but -o ever changes."""
+    d = playground
+    pick = data.draw
+    model = pick(st.sampled_from(["m.onnx", "sub/m.onnx", "none.onnx", "notes.txt", "sub"]))
+    if model == "sub/m.onnx" and not (d / "sub" / "m.onnx").exists():
+        shutil.copy(d / "m.onnx", d / "sub" / "m.onnx")
+    out = pick(st.sampled_from(["new.ssic", "art.ssic", "sub", ".", "..", "out", "notes.txt", None]))
+    args = ["compile", model, "--exact", "--sparse-min-res", "8"]
+    if out is not None:
+        args += ["-o", out]
+    if pick(st.booleans()):
+        args.append("--force")
+    args += ["--tile", pick(st.sampled_from(["4", "0", "-1", "x"]))]
+    before = snapshot(d.parent)
+    cwd = os.getcwd()
+    os.chdir(d)
+    try:
+        code, err = cli(*args)
+    finally:
+        os.chdir(cwd)
+    event(f"exit {code}")
+    allowed = {f"{d.name}/{out}" if out else f"{d.name}/{Path(model).with_suffix('')}.ssic-ort"}
+    assert code in (0, 2), (args, code, err)
+    if code == 2:
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), (args, err)
+    assert _changed(before, snapshot(d.parent), allowed) == [], args
+    if code == 0:
+        target = d / (out or f"{Path(model).with_suffix('')}.ssic-ort")
+        ssic.load(target)
+        if out != "art.ssic":
+            shutil.rmtree(target)
