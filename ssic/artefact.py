@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ssic.errors import SSICError
 from ssic.options import CompileOptions
+from ssic.outputs import apply_umask_modes
 
 FORMAT = "ssic-artefact"
 #: Bumped whenever a reader of the previous version would misread an artefact of this one.
@@ -223,16 +224,6 @@ def json_schema() -> dict:
     return schema
 
 
-def is_artefact(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a directory holding an ssic manifest (any format version)."""
-    mf = Path(path) / MANIFEST
-    try:
-        data = json.loads(mf.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("format") == FORMAT
-
-
 def read_manifest(path: str | os.PathLike) -> Manifest:
     """Read and validate ``path/manifest.json``.
 
@@ -271,12 +262,6 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     return manifest
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def write_artefact(out: Path, manifest_fn: Callable[[Path], Manifest],
                    fill: Callable[[Path], None], *, validate: Callable[[Path, Manifest], None] | None = None,
                    replace: bool = False) -> Path:
@@ -298,10 +283,7 @@ def write_artefact(out: Path, manifest_fn: Callable[[Path], Manifest],
         (tmp / MANIFEST).write_text(manifest.to_json())
         if validate is not None:
             validate(tmp, manifest)
-        umask = _umask()
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        apply_umask_modes(tmp)
         if out.exists():
             if not replace:
                 raise SSICError(f"output directory {out} exists (use --force to replace it)")

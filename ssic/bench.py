@@ -81,7 +81,7 @@ def benchmark(session, original: dict, edited: dict, mask: np.ndarray | None, *,
         if progress:
             progress(i + 1, runs)
     name = session.output_names[0]
-    m = session.difference_mask(edited) if mask is None else session._mask_array(mask)
+    m = session.difference_mask(edited) if mask is None else session.check_mask(mask)
     q = compare(sparse_out[name], reference[name], m, primed[name])
     dense_ms, sparse_ms = _median_ms(dense_t), _median_ms(sparse_t)
     mac_ratio = stats.macs_dense / max(stats.macs, 1)

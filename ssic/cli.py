@@ -43,6 +43,16 @@ def _parse_tiles(values: tuple[str, ...], flag: str = "--tile-size") -> dict[str
     return out
 
 
+def _threads_option(ctx, param, value):
+    """click callback: the thread count checked by :func:`ssic.library.check_threads` before any work."""
+    from ssic.library import check_threads
+
+    try:
+        return check_threads(value)
+    except SSICError as exc:
+        raise click.BadParameter(str(exc), ctx=ctx, param=param) from None
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("-v", "--verbose", count=True, help="More output (repeatable): pass timings, tracebacks.")
 @click.option("-q", "--quiet", count=True, help="Less output (repeatable).")
@@ -70,9 +80,9 @@ def export(model: str, preset: str, seed: int, weights: str | None, output: str)
     Inputs: DDIM/PD `x` [1,3,256,256] and `t` [1]; GauGAN `seg` [1,36,256,512] (one-hot labels +
     instance edges). The file records the model family so `ssic compile` picks its mask defaults.
     """
-    from ssic.models import export_model
-    from ssic.models.export import tag_model
+    from ssic.models.export import export_model, require_export_dependencies, tag_model
 
+    require_export_dependencies()  # names the extra to install, before any work
     path = export_model(model, preset, output, seed=seed, weights=weights)
     tag_model(Path(path), model, preset)
     _log(f"wrote {path}", 0)
@@ -241,61 +251,65 @@ def inspect(path: str, as_json: bool) -> None:
 
 
 def _load_array(spec: str, what: str) -> np.ndarray:
-    path = Path(spec)
-    if not path.exists():
-        raise SSICError(f"{what} file not found: {path}")
-    try:
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-        if path.suffix == ".npz":
-            data = np.load(path, allow_pickle=False)
-            return data[data.files[0]]
-        from PIL import Image
+    """A model input file: ``.npy``/``.npz`` as stored, an image as float32 ``[H, W, 3]`` in [0, 1]."""
+    from ssic.images import read_input
 
-        with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
-    except SSICError:
-        raise
-    except Exception as exc:
-        raise SSICError(f"cannot read {what} {path}: {type(exc).__name__}") from None
+    return read_input(spec, what)
 
 
 @cli.command()
 @click.argument("artefact", type=click.Path())
-@click.option("--original", required=True, help="Original input: PNG image, .npy label map or model input.")
+@click.option("--original", required=True, help="Original input: an image (PNG, JPEG...), a .npy label map or model input.")
 @click.option("--edited", required=True, help="Edited input, same kind and size as --original.")
-@click.option("--mask", "mask_file", default=None, help="Edit mask .npy/.png (default: where the inputs differ).")
+@click.option("--mask", "mask_file", default=None,
+              help="Edit mask: .npy, or an image (its alpha where it has one, else non-black pixels); default: "
+                   "where the inputs differ.")
+@click.option("--resize", type=click.Choice(["fit", "crop", "pad"]), default=None,
+              help="Images not at the model's size: fit = stretch, crop = cover and crop the centre, pad = fit "
+                   "inside and pad; the output is mapped back to the input's size (default: refuse).")
 @click.option("--input", "extra", multiple=True, metavar="NAME=FILE.npy", help="Other model inputs (repeatable).")
-@click.option("--steps", type=int, default=10, show_default=True, help="Diffusion: denoising steps of the edit.")
-@click.option("--strength", type=float, default=0.5, show_default=True, help="Diffusion: SDEdit noise strength (0..1).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="Intra-op threads (default: ONNX Runtime's).")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output .png or .npy.")
-def edit(artefact, original, edited, mask_file, extra, steps, strength, seed, threads, output) -> None:
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Diffusion: denoising steps of the edit.")
+@click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
+              help="Diffusion: SDEdit noise strength (0..1].")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--threads", type=int, default=None, callback=_threads_option,
+              help="Intra-op threads (default: ONNX Runtime's).")
+@click.option("-o", "--output", required=True, type=click.Path(),
+              help="Output: .png/.jpg/.jpeg (an image) or .npy (the model output as is).")
+def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, seed, threads, output) -> None:
     """Apply an edit with an artefact: prime on --original, recompute sparsely for --edited.
 
-    PNG images go through the model family's pre/post-processing (DDIM/PD: SDEdit over --steps with
-    per-step caches; GauGAN: label maps .npy with optional instance maps); .npy model inputs are used
-    as they are.
+    Images (any PNG mode, 16-bit scaled, EXIF orientation applied) go through the model family's
+    pre/post-processing (DDIM/PD: SDEdit over --steps with per-step caches); GauGAN takes label maps
+    (.npy or single-channel PNG) with optional --input instance_original=/instance_edited=; .npy model
+    inputs are used as they are. Images, label maps and masks must have the model's size, or pass
+    --resize for images. Every argument and file is checked before any model runs.
     """
     import ssic
     from ssic import editing
+    from ssic.images import read_array, read_input, read_labels, read_mask
+    from ssic.outputs import check_output_file
 
-    sess = ssic.load(artefact, threads=threads)
-    a, b = _load_array(original, "original"), _load_array(edited, "edited")
-    mask = None
-    if mask_file:
-        mask = _load_array(mask_file, "mask")
-        if mask.ndim == 3:
-            mask = mask.any(axis=-1)
-    extras = {}
+    specs = []
     for spec in extra:
-        if "=" not in spec:
+        if "=" not in spec or not spec.split("=", 1)[0] or not spec.split("=", 1)[1]:
             raise SSICError(f"--input takes NAME=FILE.npy, got '{spec}'")
-        name, file = spec.split("=", 1)
-        extras[name] = _load_array(file, f"input {name}")
+        specs.append(tuple(spec.split("=", 1)))
+    check_output_file(output, inputs=[original, edited, mask_file, *(f for _, f in specs)], what="-o/--output")
+    for file, what in [(original, "original"), (edited, "edited"), (mask_file, "mask"),
+                       *((f, f"input {n}") for n, f in specs)]:
+        if file is not None and not Path(file).is_file():
+            raise SSICError(f"{what} file not found: {file}" if not Path(file).exists() else
+                            f"{what} must be a file, got a directory: {file}")
+    sess = ssic.load(artefact, threads=threads)
+    labels = sess.manifest.model.family == "gaugan"
+    read = read_labels if labels else read_input
+    a, b = read(original, "original"), read(edited, "edited")
+    mask = read_mask(mask_file, "mask") if mask_file else None
+    extras = {name: read_array(file, f"input {name}") for name, file in specs}
     result = editing.edit_files(sess, a, b, mask=mask, extra=extras, steps=steps, strength=strength, seed=seed,
-                                log=lambda m: _log(m, 0))
+                                log=lambda m: _log(m, 0), resize=resize)
     editing.save_output(result["sparse"], output)
     _log(f"wrote {output}: {result['summary']}", 0)
 
@@ -304,29 +318,29 @@ def edit(artefact, original, edited, mask_file, extra, steps, strength, seed, th
 @click.argument("artefact", type=click.Path())
 @click.option("--mask", "mask_file", default=None, help="Edit mask .npy (bool [H, W]).")
 @click.option("--area", type=float, default=None, help="Synthetic brush-stroke mask of this area fraction (e.g. 0.05).")
-@click.option("--runs", type=int, default=5, show_default=True, help="Timed runs (median reported).")
-@click.option("--warmup", type=int, default=1, show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True, help="Intra-op threads.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median reported).")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, callback=_threads_option, help="Intra-op threads.")
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
 def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> None:
     """Measure ONNX Runtime dense vs ssic sparse on one edit, alternately, and the output error."""
     import ssic
     from ssic.bench import benchmark, edited_inputs, example_inputs
 
-    if runs < 1:
-        raise SSICError("--runs must be >= 1")
-    sess = ssic.load(artefact, threads=threads)
-    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     if mask_file and area is not None:
         raise SSICError("give --mask or --area, not both")
+    if area is not None and not 0 < area <= 1:
+        raise SSICError("--area must be in (0, 1]")
+    sess = ssic.load(artefact, threads=threads)
+    h, w = sess.manifest.mask.height, sess.manifest.mask.width
     if mask_file:
-        mask = sess.check_mask(_load_array(mask_file, "mask"))
+        from ssic.images import read_mask
+
+        mask = sess.check_mask(read_mask(mask_file, "mask"))
     else:
         from ssic.masks import brush_stroke_mask
 
-        if area is not None and not 0 < area <= 1:
-            raise SSICError("--area must be in (0, 1]")
         mask = brush_stroke_mask(h, w, area if area is not None else 0.05, seed)
     original = example_inputs(sess.manifest, seed)
     edited = edited_inputs(sess.manifest, original, mask, seed + 1)
@@ -344,8 +358,8 @@ def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> No
 @cli.command()
 @click.argument("artefact", type=click.Path())
 @click.option("--golden", required=True, type=click.Path(), help="Directory with inputs.npz, edited.npz, mask.npy, expected.npz.")
-@click.option("--atol", type=float, default=1e-4, show_default=True)
-@click.option("--rtol", type=float, default=1e-3, show_default=True)
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
 @click.option("--psnr", "min_psnr", type=float, default=60.0, show_default=True, help="Minimum PSNR (dB) per output.")
 @click.option("--update", is_flag=True, help="Write the golden outputs from this artefact instead of checking.")
 @click.option("--json", "as_json", is_flag=True)
@@ -354,6 +368,8 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
     import ssic
     from ssic.verify import check_golden, write_golden
 
+    if not update and not Path(golden).is_dir():
+        raise SSICError(f"golden directory not found: {golden}")
     sess = ssic.load(artefact)
     if update:
         write_golden(sess, Path(golden))
@@ -373,9 +389,9 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
 
 @cli.command()
 @click.option("--preset", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
-@click.option("--steps", type=int, default=10, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(), default="out/demo", show_default=True)
-@click.option("--threads", type=int, default=2, show_default=True)
+@click.option("--threads", type=int, default=2, show_default=True, callback=_threads_option)
 @click.option("--weights", type=click.Path(), default=None, help="The official DDIM church checkpoint (default: random weights).")
 def demo(preset, steps, out_dir, threads, weights) -> None:
     """The editing demo: SDEdit with DDIM over the denoising steps, dense vs sparse, on the church edit."""

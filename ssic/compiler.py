@@ -32,11 +32,11 @@ from ssic.artefact import (
     ModelInfo,
     OpLibrary,
     TensorSpec,
-    is_artefact,
     write_artefact,
 )
 from ssic.errors import SSICError
 from ssic.options import CompileOptions, resolve_options
+from ssic.outputs import check_output_dir
 from ssic.passes.analysis import (
     check_static_batch1,
     plan_sparse_resolutions,
@@ -437,17 +437,7 @@ def _check_output(out: Path, *, force: bool, model_path: Path) -> None:
         raise SSICError(f"cannot write {out}: {parent} is not a directory")
     if not os.access(parent, os.W_OK):
         raise SSICError(f"cannot write {out}: directory {parent} is not writable")
-    if not out.exists() and not out.is_symlink():
-        return
-    if not force:
-        raise SSICError(f"output directory {out} exists (use --force to replace it)")
-    resolved = out.resolve()
-    protected = {Path.cwd().resolve(), model_path.resolve().parent}
-    for p in protected:
-        if resolved == p or resolved in p.parents:
-            raise SSICError(f"--force will not replace {out}: it holds the model or the working directory")
-    if out.is_symlink() or not out.is_dir() or not is_artefact(out):
-        raise SSICError(f"--force replaces only an ssic artefact directory; {out} is not one (nothing was changed)")
+    check_output_dir(out, force=force, protected=[model_path])  # --force replaces only an artefact
 
 
 def _manifest(state: CompileState, metadata: dict[str, str]) -> Manifest:

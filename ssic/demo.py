@@ -63,14 +63,14 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
     mask = (np.abs(a - b) > float(spec.eps)).any(axis=1)[0]
     log(f"editing {what}: {100 * mask.mean():.1f}% of pixels changed")
     result = sdedit(sess, a, b, mask, steps=steps, strength=0.5, seed=0, log=log)
-    from PIL import Image
+    from ssic.images import save_image
 
     tiles = [model_to_image(x) for x in (a, b, result["dense"], result["sparse"])]
     diff = np.abs(result["sparse"] - result["dense"]).max(axis=1)[0]
     tiles.append(np.repeat(np.clip(diff * 10 * 255, 0, 255).astype(np.uint8)[..., None], 3, axis=2))
-    Image.fromarray(model_to_image(result["dense"])).save(out_dir / "dense.png")
-    Image.fromarray(model_to_image(result["sparse"])).save(out_dir / "sparse.png")
-    Image.fromarray(np.concatenate(tiles, axis=1)).save(out_dir / "side_by_side.png")
+    save_image(model_to_image(result["dense"]), out_dir / "dense.png")
+    save_image(model_to_image(result["sparse"]), out_dir / "sparse.png")
+    save_image(np.concatenate(tiles, axis=1), out_dir / "side_by_side.png")
     q = result["quality"]
     def db(v):
         return "identical" if v == float("inf") else f"{v:.1f} dB"

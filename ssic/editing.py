@@ -3,45 +3,28 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 
 from ssic.errors import SSICError
+from ssic.images import Placement, model_to_image, save_output  # noqa: F401 - re-exported for callers
 from ssic.quality import compare
 
 
-def image_to_model(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """uint8 ``[H, W, 3]`` image -> float32 ``[1, 3, H, W]`` in [-1, 1], resized to ``size`` if needed."""
-    from PIL import Image
+def image_to_model(img: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
+    """Image ``[H, W, 3|4]`` (uint8, or float in [0, 1]) -> float32 ``[1, 3, H, W]`` in [-1, 1].
 
+    ``size`` (H, W), when given, must be the image's size: resizing is the caller's choice
+    (:class:`ssic.images.Placement`). Raises ``SSICError`` on another shape or size.
+    """
     arr = np.asarray(img)
     if arr.ndim != 3 or arr.shape[2] not in (3, 4):
         raise SSICError(f"expected an RGB image, got an array of shape {list(arr.shape)}")
     arr = arr[..., :3]
-    if arr.shape[:2] != size:
-        arr = np.asarray(Image.fromarray(arr.astype(np.uint8)).resize((size[1], size[0]), Image.BICUBIC))
-    return (arr.astype(np.float32) / 127.5 - 1.0).transpose(2, 0, 1)[None].copy()
-
-
-def model_to_image(x: np.ndarray) -> np.ndarray:
-    """float ``[1, 3, H, W]`` in [-1, 1] -> uint8 ``[H, W, 3]``."""
-    return ((np.clip(x[0, :3].transpose(1, 2, 0), -1, 1) + 1) * 127.5).round().astype(np.uint8)
-
-
-def save_output(x: np.ndarray, path: str | Path) -> None:
-    """Write a model output as .npy (as is) or .png (an image in [-1, 1])."""
-    from PIL import Image
-
-    path = Path(path)
-    if not path.parent.exists():
-        raise SSICError(f"cannot write {path}: directory {path.parent} does not exist")
-    if path.suffix == ".npy":
-        np.save(path, x)
-    elif path.suffix.lower() in (".png", ".jpg", ".jpeg"):
-        Image.fromarray(model_to_image(x)).save(path)
-    else:
-        raise SSICError(f"output must end in .png or .npy, got {path.name}")
+    if size is not None and arr.shape[:2] != tuple(size):
+        raise SSICError(f"the image is {arr.shape[0]}x{arr.shape[1]} (HxW) but the model takes {size[0]}x{size[1]}")
+    arr = arr.astype(np.float32) / 255.0 if arr.dtype == np.uint8 else arr.astype(np.float32)
+    return (arr * 2.0 - 1.0).transpose(2, 0, 1)[None].copy()
 
 
 class DDIMSchedule:
@@ -120,23 +103,39 @@ def sdedit(session, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, 
 
 
 def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, steps=10, strength=0.5, seed=0,
-               log=None) -> dict:
-    """Edit with arrays read from the command line; returns ``{"sparse": output, "summary": str}``."""
+               log=None, resize: str | None = None) -> dict:
+    """Edit with arrays read from the command line; returns ``{"sparse": output, "summary": str}``.
+
+    ``a``/``b``: images ``[H, W, 3]`` (float in [0, 1] or uint8) for DDIM/PD, label maps ``[H, W]``
+    for GauGAN, else model inputs as they are. ``mask``: bool ``[H, W]`` at the inputs' size.
+    Images of another size than the model's are refused unless ``resize`` is ``"fit"``, ``"crop"``
+    or ``"pad"`` (:class:`ssic.images.Placement`); the output ``[1, C, H, W]`` then has the input's
+    size. Raises ``SSICError`` for inputs that do not fit, before any model runs.
+    """
     family = session.manifest.model.family
     if np.shape(a) != np.shape(b):
         raise SSICError(f"original and edited differ in shape: {list(np.shape(a))} vs {list(np.shape(b))}")
     h, w = session.manifest.mask.height, session.manifest.mask.width
     if family in ("ddim", "pd") and np.asarray(a).ndim == 3:
-        xa, xb = image_to_model(a, (h, w)), image_to_model(b, (h, w))
+        fa, fb = (image_to_model(x)[0].transpose(1, 2, 0) for x in (a, b))  # [H, W, 3] in [-1, 1]
+        place = Placement.plan(fa.shape[:2], (h, w), resize)
         if mask is None:
-            mask = (np.abs(xa - xb) > float(session.manifest.mask.eps)).any(axis=1)[0]
-        mask = _fit_mask(mask, h, w, session)
-        result = sdedit(session, xa, xb, mask, steps=steps, strength=strength, seed=seed, log=log)
-        return {"sparse": result["sparse"], "summary": f"{steps} steps, sparse {result['sparse_s']:.2f} s vs dense "
+            mask = (np.abs(fa - fb) > float(session.manifest.mask.eps)).any(axis=2)
+        mask = _input_mask(mask, fa.shape[:2])
+        xa, xb = (place.to_model(x).transpose(2, 0, 1)[None].copy() for x in (fa, fb))
+        m = session.check_mask(place.mask_to_model(mask))
+        result = sdedit(session, xa, xb, m, steps=steps, strength=strength, seed=seed, log=log)
+        out = place.from_model(result["sparse"][0].transpose(1, 2, 0), fb).transpose(2, 0, 1)[None]
+        return {"sparse": out, "summary": f"{steps} steps, sparse {result['sparse_s']:.2f} s vs dense "
                 f"{result['dense_s']:.2f} s, PSNR {result['quality']['psnr']:.1f} dB"}
+    if resize is not None:
+        raise SSICError("--resize applies to the images of DDIM/PD models; give label maps and model inputs "
+                        f"at the model's size ({h}x{w})")
     if family == "gaugan" and np.asarray(a).ndim == 2:
         from ssic.models.gaugan import make_gaugan_input
 
+        if np.shape(a) != (h, w):
+            raise SSICError(f"the label maps are {np.shape(a)[0]}x{np.shape(a)[1]} (HxW) but the model takes {h}x{w}")
         inst_a = (extra or {}).get("instance_original")
         inst_b = (extra or {}).get("instance_edited")
         inputs_a = {"seg": make_gaugan_input(a, inst_a)}
@@ -145,19 +144,25 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
         src = session.manifest.mask.primary.input
         inputs_a = {**(extra or {}), src: np.asarray(a, np.float32)}
         inputs_b = {**(extra or {}), src: np.asarray(b, np.float32)}
+    m = None if mask is None else session.check_mask(mask)
     session.prime(inputs_a)
     start = time.perf_counter()
-    out = session.edit(inputs_b, mask=None if mask is None else _fit_mask(mask, h, w, session))
+    out = session.edit(inputs_b, mask=m)
     secs = time.perf_counter() - start
     st = session.last
     return {"sparse": out[session.output_names[0]],
             "summary": f"{st.mode} run in {1000 * secs:.0f} ms, {100 * st.active_fraction:.1f}% tiles active"}
 
 
-def _fit_mask(mask, h, w, session=None) -> np.ndarray:
-    if session is not None:
-        return session.check_mask(mask)
+def _input_mask(mask, hw: tuple[int, int]) -> np.ndarray:
+    """A user mask at the images' size ``hw`` -> bool ``[H, W]``; ``SSICError`` otherwise."""
     m = np.asarray(mask)
-    if m.shape != (h, w):
-        raise SSICError(f"mask has shape {list(m.shape)}, expected [{h}, {w}]")
+    while m.ndim > 2 and m.shape[0] == 1:
+        m = m[0]
+    if m.dtype != np.bool_ and not np.issubdtype(m.dtype, np.number):
+        raise SSICError(f"mask has dtype {m.dtype}; use bool or a number array")
+    if m.shape != tuple(hw):
+        raise SSICError(f"mask has shape {list(m.shape)}, the images are {hw[0]}x{hw[1]} (HxW)")
+    if np.issubdtype(m.dtype, np.floating) and not np.isfinite(m).all():
+        raise SSICError("mask has non-finite values")
     return m != 0

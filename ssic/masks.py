@@ -320,11 +320,6 @@ def edits_dir() -> Path | None:
     return d if d.is_dir() else None
 
 
-def _read_png(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"), dtype=np.uint8)
 
 
 def load_edit_pair(kind: str) -> dict[str, np.ndarray] | None:
@@ -343,7 +338,9 @@ def load_edit_pair(kind: str) -> dict[str, np.ndarray] | None:
         paths = [d / "church_original.png", d / "church_edited.png"]
         if not all(p.is_file() for p in paths):
             return None
-        a, b = (_read_png(p).astype(np.float32) / np.float32(127.5) - np.float32(1) for p in paths)
+        from ssic.images import read_image
+
+        a, b = (read_image(p, "church edit") * np.float32(2) - np.float32(1) for p in paths)
         return {"original": a, "edited": b}
     if kind == "cityscapes":
         names = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ssic.artefact import read_manifest
+from ssic.library import check_threads
 from ssic.session import CacheState, EditStats, Session
 
 __all__ = ["CacheState", "EditStats", "Session", "load"]
@@ -21,6 +22,7 @@ def load(path: str | Path, *, threads: int | None = None) -> Session:
     ``--target trt`` run on TensorRT (an NVIDIA GPU is needed). Raises ``SSICError`` for a missing,
     corrupt or incompatible artefact.
     """
+    threads = check_threads(threads)
     manifest = read_manifest(path)
     if manifest.target == "trt":
         from ssic.targets.trt_session import load_trt

@@ -332,16 +332,17 @@ def test_output_dir_exists_without_force(net, tmp_path):
     assert_one_line_error(run_cli("compile", net["onnx"], "-o", out, "--exact", "--sparse-min-res", 8, "--tile", 4),
                           "exists.*--force")
     assert (out / "keep.txt").read_text() == "mine"  # untouched
-    # --force replaces only an ssic artefact, never a folder of the user's
+    # --force refuses an ordinary folder (issue 16: it deleted the user's files) ...
     assert_one_line_error(run_cli("compile", net["onnx"], "-o", out, "--exact", "--sparse-min-res", 8, "--tile", 4,
-                                  "--force"), "only an ssic artefact")
+                                  "--force"), "not an ssic artefact")
     assert (out / "keep.txt").read_text() == "mine"
-    art = tmp_path / "art.ssic"
-    assert run_cli("compile", net["onnx"], "-o", art, "--exact", "--sparse-min-res", 8, "--tile", 4).returncode == 0
-    proc = run_cli("compile", net["onnx"], "-o", art, "--sparse-min-res", 8, "--tile", 4, "--force")
+    shutil.copy(Path(net["art"]) / "manifest.json", out / "manifest.json")  # ... and replaces an artefact
+    # --force replaces it atomically with a working artefact
+    proc = run_cli("compile", net["onnx"], "-o", out, "--exact", "--sparse-min-res", 8, "--tile", 4, "--force")
     assert proc.returncode == 0, proc.stderr
-    assert not ssic.load(art).manifest.exact  # replaced atomically with the new artefact
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".art.ssic.")]
+    assert not (out / "keep.txt").exists()
+    ssic.load(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".exists.ssic.")]
 
 
 def test_output_dir_parent_missing(net, tmp_path):

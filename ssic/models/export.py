@@ -137,6 +137,22 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
     return path
 
 
+def require_export_dependencies() -> None:
+    """Check that PyTorch and onnxscript (the ``torch`` extra) import; ``SSICError`` naming the extra if not.
+
+    Called before any work: without them the export would fail deep inside ``torch.onnx.export``.
+    """
+    missing = []
+    for module in ("torch", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise SSICError(f"exporting a model needs {' and '.join(missing)}, which are not installed: "
+                        "pip install 'ssic[torch]'")
+
+
 def export_model(name: str, preset: str, output_path: str | Path, seed: int = 0,
                  weights: str | Path | None = None) -> Path:
     """Build model ``name`` at ``preset`` (seeded weights, or ``weights`` loaded from a checkpoint
@@ -145,6 +161,7 @@ def export_model(name: str, preset: str, output_path: str | Path, seed: int = 0,
     Inputs/outputs: ddim ``x[1,3,256,256]``, ``t[1]`` -> ``eps[1,3,256,256]``; pd ``x``, ``t`` ->
     ``out[1,6,256,256]``; gaugan ``seg[1,36,256,512]`` -> ``image[1,3,256,512]``.
     """
+    require_export_dependencies()
     from ssic.models.presets import build_model, example_inputs, model_config, output_names
 
     model_config(name, preset)  # validates name/preset (SSICError)
