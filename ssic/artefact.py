@@ -70,7 +70,8 @@ class MaskSpec(_Strict):
     radius: int
     level_dilation: int
     halo: int | None  # None: per grid, from the graph (see ``grids``)
-    mode: Literal["exact", "sige-pyramid"]
+    mode: Literal["exact", "sige-pyramid", "bounded-exact"]
+    radius_budget: int | None = None  # bounded exact mode: pixels of this resolution around the edit
 
     @property
     def primary(self) -> MaskSource:
@@ -180,6 +181,7 @@ class Manifest(_Strict):
     passes: list[dict[str, Any]] = Field(default_factory=list)  # name, milliseconds, modified
     custom_op_library: OpLibrary | None = None
     trt: dict[str, Any] | None = None  # ssic.targets.trt.build_trt_artefact's record (engines, bindings)
+    calibration: dict[str, Any] | None = None  # ssic.calibrate's record: target, samples, PSNR curve
     compile_seconds: float = 0.0
 
     # ------------------------------------------------------------------ derived values

@@ -180,14 +180,24 @@ def _run_build_mask(state: CompileState, log) -> bool:
     grids = list(state.plan.grids.values())
     o = state.options
     if o.exact:
-        from ssic.passes.exact_masks import build_exact_mask_model
-
-        state.mask = build_exact_mask_model(state.model, grids, state.mask_hw,
-                                            sources={s.input: s.mask_input for s in state.sources if s.input})
+        state.mask = exact_mask_graph(state, o.radius_budget)
     else:
         core = build_mask_graph(state.mask_hw, grids, radius=o.mask_radius, level_dilation=o.level_dilation)
         state.mask = with_mask_sources(core, state.sources, state.mask_hw)
     return True
+
+
+def exact_mask_graph(state: CompileState, radius: int | None) -> onnx.ModelProto:
+    """The exact-mode mask graph, bounded to ``radius`` pixels around the edit when given."""
+    from ssic.passes.build_mask import bound_mask_graph
+    from ssic.passes.exact_masks import build_exact_mask_model
+
+    grids = list(state.plan.grids.values())
+    exact = build_exact_mask_model(state.model, grids, state.mask_hw,
+                                   sources={s.input: s.mask_input for s in state.sources if s.input})
+    if radius is None:
+        return exact
+    return bound_mask_graph(exact, state.sources, grids, state.mask_hw, radius)
 
 
 def _ensure_mask(state: CompileState) -> None:
@@ -422,10 +432,35 @@ def compile_model(
             m = m.model_copy(update={"trt": build_trt_artefact(tmp, m, log=_log)})
         return m.model_copy(update={"compile_seconds": round(time.perf_counter() - t0, 2)})
 
-    written = write_artefact(out, finish, fill, replace=force,
-                             validate=(lambda tmp, m: _validate_graphs(tmp, m, _log)) if validate else None)
+    def check(tmp: Path, m: Manifest) -> None:
+        if validate:
+            _validate_graphs(tmp, m, _log)
+        if opts.calibrate:
+            _calibrate(tmp, m, state, _log)
+
+    written = write_artefact(out, finish, fill, replace=force, validate=check)
     _log(f"wrote {written} in {time.perf_counter() - t0:.1f} s")
     return written
+
+
+def _calibrate(tmp: Path, manifest: Manifest, state: CompileState, log) -> None:
+    """Choose the radius budget on the user's images (:mod:`ssic.calibrate`); rewrites mask.onnx and
+    the manifest in the temporary artefact directory."""
+    from ssic.artefact import MANIFEST
+    from ssic.calibrate import calibrate
+
+    o = state.options
+    images = [Path(p) for p in o.calibrate]
+    for p in images:
+        if not p.is_file():
+            raise SSICError(f"calibration image not found: {p}")
+    radius, record = calibrate(tmp, manifest, lambda r: exact_mask_graph(state, r), images,
+                               float(o.target_psnr), log=log)
+    mask = manifest.mask.model_copy(update={"radius_budget": radius,
+                                            "mode": "bounded-exact" if radius else "exact"})
+    updated = manifest.model_copy(update={"mask": mask, "calibration": record})
+    (tmp / MANIFEST).write_text(updated.to_json())
+    log(f"calibrate: radius budget {radius if radius else 'unbounded'} for {o.target_psnr} dB")
 
 
 def _check_output(out: Path, *, force: bool, model_path: Path) -> None:
@@ -473,7 +508,8 @@ def _manifest(state: CompileState, metadata: dict[str, str]) -> Manifest:
         outputs=[spec(v) for v in model.graph.outputs],
         mask=MaskSpec(height=state.mask_hw[0], width=state.mask_hw[1], sources=state.sources,
                       eps=opts.mask_eps, radius=opts.mask_radius, level_dilation=opts.level_dilation,
-                      halo=opts.halo, mode="exact" if opts.exact else "sige-pyramid"),
+                      halo=opts.halo, radius_budget=opts.radius_budget,
+                      mode=("bounded-exact" if opts.radius_budget else "exact") if opts.exact else "sige-pyramid"),
         grids=[GridSpec(name=g.name, height=g.height, width=g.width, tile=g.tile, halo=g.halo, cells=list(g.cells),
                         num_cells=g.num_cells, tiles_input=g.tiles_input, macs_per_tile=per_tile[g.name])
                for g in grids],

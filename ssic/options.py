@@ -56,6 +56,13 @@ class CompileOptions(BaseModel):
     halos: dict[str, int] = _opt({}, "Halo per resolution (repeatable).", flag="--halo-size", metavar="HxW=N")
     fallback_ratio: float = _opt(0.6, "Run dense when sparse MACs exceed this fraction of dense MACs.",
                                  gt=0, le=10)
+    radius_budget: int | None = _opt(None, "Bounded exact mode: recompute what the edit can reach, but at most "
+                                     "this many pixels (of the finest grid) around it; implies --exact.", ge=1)
+    calibrate: list[str] = _opt([], "Images to calibrate the radius budget on (repeatable): the smallest budget "
+                                "whose sample edits reach --target-psnr over the whole output.",
+                                flag="--calibrate", metavar="IMAGE")
+    target_psnr: float | None = _opt(None, "With --calibrate: the PSNR (dB) of sparse vs dense the budget must "
+                                     "reach on every sample edit [default: 40].", gt=0, le=200)
     gn_stats: Literal["incremental", "cached"] = _opt(
         "incremental", "GroupNorm statistics in sparse runs: corrected with the edited tiles, or the "
         "original's (SIGE).")
@@ -135,6 +142,13 @@ def resolve_options(given: dict[str, Any], metadata: dict[str, str] | None = Non
             values.pop("halos", None)  # an explicit halo replaces the family's per-grid halos
         values[name] = sorted(value) if isinstance(value, set) else value
         sources[name] = "given"
+    if values.get("target_psnr") is not None and not values.get("calibrate"):
+        raise SSICError("--target-psnr needs --calibrate IMAGE (the images to measure it on)")
+    if values.get("radius_budget") or values.get("calibrate"):
+        values["exact"] = True  # a budget bounds exact mode's propagation
+        sources.setdefault("exact", "radius_budget" if values.get("radius_budget") else "calibrate")
+    if values.get("calibrate") and values.get("target_psnr") is None:
+        values["target_psnr"], sources["target_psnr"] = 40.0, "default"
     if values.get("exact"):
         # exact mode derives every region from receptive fields: no dilation, no halo
         values.update(mask_radius=0, halo=0, halos={})

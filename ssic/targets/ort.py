@@ -76,6 +76,11 @@ class OrtBackend(Backend):
                     raise SSICError(f"cannot load {file.name}: {str(exc).splitlines()[0][:300]}") from None
             return self._sessions[which]
 
+    def reload(self, which: str) -> None:
+        """Forget one graph's session so that the next run loads the file again (calibration)."""
+        with self._lock:
+            self._sessions.pop(which, None)
+
     def run_dense(self, inputs):
         outs = self.session("dense").run(self.output_names, inputs)
         return dict(zip(self.output_names, outs, strict=True))
