@@ -36,7 +36,7 @@
 
 namespace {
 
-constexpr int kFormatVersion = 1;  // ssic.compiler.FORMAT_VERSION this program reads
+constexpr int kFormatVersion = 2;  // ssic.artefact.FORMAT_VERSION this program reads
 constexpr const char* kLibraryEnv = "SSIC_ORT_LIBRARY";
 
 struct UserError : std::runtime_error {
@@ -164,10 +164,14 @@ struct Manifest {
   std::vector<TensorSpec> inputs, outputs;
   std::vector<Grid> grids;
   std::vector<std::string> caches;
-  std::string mask_input, mask_source;
+  struct MaskSource {
+    std::string input, mask_input;  // input "" = the finest grid itself (a model without image inputs)
+    int64_t h = 0, w = 0;
+    int channel_axis = 1;  // 1 NCHW, 3 NHWC
+  };
+  std::vector<MaskSource> sources;  // one per spatial model input (manifest "mask.sources")
   int64_t mask_h = 0, mask_w = 0;
   double mask_eps = 0.0;
-  int mask_channel_axis = 1;
   double macs_dense = 0, macs_fixed = 0, fallback_ratio = 0.6;
   std::map<std::string, double> macs_per_tile;
 };
@@ -216,12 +220,13 @@ Manifest read_manifest(const std::string& dir) {
       m.grids.push_back({v.at("name").str(), v.at("tiles_input").str(), v.at("num_cells").integer()});
     for (const auto& v : j.at("caches").arr()) m.caches.push_back(v.at("name").str());
     const auto& mask = j.at("mask");
-    m.mask_input = mask.at("input").str();
     m.mask_h = mask.at("height").integer();
     m.mask_w = mask.at("width").integer();
-    if (mask.has("source_input") && mask.at("source_input").is_string()) m.mask_source = mask.at("source_input").str();
     if (mask.has("eps") && mask.at("eps").is_number()) m.mask_eps = mask.at("eps").num();
-    if (mask.has("channel_axis")) m.mask_channel_axis = static_cast<int>(mask.at("channel_axis").integer());
+    for (const auto& v : mask.at("sources").arr())
+      m.sources.push_back({v.at("input").str(), v.at("mask_input").str(), v.at("height").integer(),
+                           v.at("width").integer(), static_cast<int>(v.at("channel_axis").integer())});
+    if (m.sources.empty()) fail(path + " lists no mask sources; recompile the artefact");
     const auto& macs = j.at("macs");
     m.macs_dense = macs.at("dense").num();
     m.macs_fixed = macs.at("sparse_fixed").num();
@@ -300,8 +305,42 @@ HostTensor load_input(const TensorSpec& spec, const std::string& file, const std
   return t;
 }
 
-// The edit mask as float [1, 1, H, W] of 0/1.
-HostTensor load_mask(const Manifest& m, const std::string& file) {
+// A 0/1 mask [h, w] resized to [H, W] conservatively: an output pixel is set when any input pixel its
+// footprint overlaps is set (as ssic.masks.resize_mask_any).
+std::vector<float> resize_any(const std::vector<float>& m, int64_t h, int64_t w, int64_t H, int64_t W) {
+  if (h == H && w == W) return m;
+  std::vector<int64_t> integral(static_cast<size_t>((h + 1) * (w + 1)), 0);
+  for (int64_t y = 0; y < h; ++y)
+    for (int64_t x = 0; x < w; ++x)
+      integral[(y + 1) * (w + 1) + x + 1] = (m[y * w + x] != 0.0f) + integral[y * (w + 1) + x + 1] +
+                                            integral[(y + 1) * (w + 1) + x] - integral[y * (w + 1) + x];
+  auto lo = [](int64_t i, int64_t n_in, int64_t n_out) { return (i * n_in) / n_out; };
+  auto hi = [&](int64_t i, int64_t n_in, int64_t n_out) {
+    return std::max(lo(i, n_in, n_out) + 1, ((i + 1) * n_in + n_out - 1) / n_out);
+  };
+  std::vector<float> out(static_cast<size_t>(H * W), 0.0f);
+  for (int64_t Y = 0; Y < H; ++Y) {
+    const int64_t r0 = lo(Y, h, H), r1 = hi(Y, h, H);
+    for (int64_t X = 0; X < W; ++X) {
+      const int64_t c0 = lo(X, w, W), c1 = hi(X, w, W);
+      const int64_t n = integral[r1 * (w + 1) + c1] - integral[r0 * (w + 1) + c1] - integral[r1 * (w + 1) + c0] +
+                        integral[r0 * (w + 1) + c0];
+      out[Y * W + X] = n > 0 ? 1.0f : 0.0f;
+    }
+  }
+  return out;
+}
+
+HostTensor mask_tensor(const std::vector<float>& v, int64_t h, int64_t w) {
+  HostTensor t;
+  t.shape = {1, 1, h, w};
+  t.bytes.resize(v.size() * 4);
+  std::memcpy(t.bytes.data(), v.data(), t.bytes.size());
+  return t;
+}
+
+// The user's edit mask (at the finest grid's or any source's resolution) for every mask source.
+std::map<std::string, HostTensor> load_mask(const Manifest& m, const std::string& file) {
   npy::Array a;
   try {
     a = npy::load(file);
@@ -310,40 +349,47 @@ HostTensor load_mask(const Manifest& m, const std::string& file) {
   }
   std::vector<int64_t> s = a.shape;
   while (s.size() > 2 && s.front() == 1) s.erase(s.begin());
-  if (s.size() != 2 || s[0] != m.mask_h || s[1] != m.mask_w)
-    fail("mask (" + file + ") has shape " + npy::shape_str(a.shape) + ", expected [" + std::to_string(m.mask_h) +
-         ", " + std::to_string(m.mask_w) + "] (or [1, 1, " + std::to_string(m.mask_h) + ", " +
-         std::to_string(m.mask_w) + "])");
-  HostTensor t;
-  t.shape = {1, 1, m.mask_h, m.mask_w};
-  t.bytes.resize(static_cast<size_t>(t.size()) * 4);
-  float* dst = reinterpret_cast<float*>(t.bytes.data());
-  for (int64_t i = 0; i < t.size(); ++i) {
-    double v = a.get(i);
-    if (!std::isfinite(v)) fail("mask (" + file + ") has non-finite values");
-    dst[i] = v != 0.0 ? 1.0f : 0.0f;
+  bool known = s.size() == 2 && s[0] == m.mask_h && s[1] == m.mask_w;
+  std::string accepted = "[" + std::to_string(m.mask_h) + ", " + std::to_string(m.mask_w) + "]";
+  for (const auto& src : m.sources) {
+    known = known || (s.size() == 2 && s[0] == src.h && s[1] == src.w);
+    accepted += " or [" + std::to_string(src.h) + ", " + std::to_string(src.w) + "]";
   }
-  return t;
+  if (!known) fail("mask (" + file + ") has shape " + npy::shape_str(a.shape) + ", expected " + accepted);
+  std::vector<float> v(static_cast<size_t>(s[0] * s[1]));
+  for (size_t i = 0; i < v.size(); ++i) {
+    double x = a.get(static_cast<int64_t>(i));
+    if (!std::isfinite(x)) fail("mask (" + file + ") has non-finite values");
+    v[i] = x != 0.0 ? 1.0f : 0.0f;
+  }
+  std::map<std::string, HostTensor> out;
+  for (const auto& src : m.sources) out[src.mask_input] = mask_tensor(resize_any(v, s[0], s[1], src.h, src.w), src.h, src.w);
+  return out;
 }
 
-// Where the mask-source input changed by more than eps (any channel), as ssic.Session.difference_mask.
-HostTensor difference_mask(const Manifest& m, const HostTensor& orig, const HostTensor& edited) {
-  if (m.mask_source.empty())
-    fail("this model has no image input at the mask resolution: pass --mask");
-  if (orig.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || orig.shape.size() != 4 || m.mask_channel_axis != 1 ||
-      orig.shape[2] != m.mask_h || orig.shape[3] != m.mask_w)
-    fail("cannot derive the mask from input '" + m.mask_source + "': pass --mask");
-  HostTensor t;
-  t.shape = {1, 1, m.mask_h, m.mask_w};
-  t.bytes.assign(static_cast<size_t>(t.size()) * 4, 0);
-  float* dst = reinterpret_cast<float*>(t.bytes.data());
-  const float* a = reinterpret_cast<const float*>(orig.bytes.data());
-  const float* b = reinterpret_cast<const float*>(edited.bytes.data());
-  int64_t hw = m.mask_h * m.mask_w;
-  for (int64_t c = 0; c < orig.shape[1]; ++c)
-    for (int64_t i = 0; i < hw; ++i)
-      if (std::fabs(a[c * hw + i] - b[c * hw + i]) > m.mask_eps) dst[i] = 1.0f;
-  return t;
+// Where each spatial input changed by more than eps (any channel), as ssic.Session.source_masks.
+std::map<std::string, HostTensor> difference_masks(const Manifest& m, const std::map<std::string, HostTensor>& orig,
+                                                   const std::map<std::string, HostTensor>& edited) {
+  std::map<std::string, HostTensor> out;
+  for (const auto& src : m.sources) {
+    std::vector<float> v(static_cast<size_t>(src.h * src.w), 0.0f);
+    if (src.input.empty()) fail("this model has no image input to derive the edit from: pass --mask");
+    const HostTensor& o = orig.at(src.input);
+    const HostTensor& e = edited.at(src.input);
+    if (o.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || o.shape.size() != 4)
+      fail("cannot derive the mask from input '" + src.input + "': pass --mask");
+    const float* a = reinterpret_cast<const float*>(o.bytes.data());
+    const float* b = reinterpret_cast<const float*>(e.bytes.data());
+    const int64_t hw = src.h * src.w;
+    const int64_t c = src.channel_axis == 3 ? o.shape[3] : o.shape[1];
+    for (int64_t ch = 0; ch < c; ++ch)
+      for (int64_t i = 0; i < hw; ++i) {
+        const int64_t k = src.channel_axis == 3 ? i * c + ch : ch * hw + i;
+        if (std::fabs(a[k] - b[k]) > m.mask_eps) v[i] = 1.0f;
+      }
+    out[src.mask_input] = mask_tensor(v, src.h, src.w);
+  }
+  return out;
 }
 
 void save_value(const std::string& file, const std::string& name, const Ort::Value& v) {
@@ -446,7 +492,8 @@ int run(int argc, char** argv) {
            "=FILE.npy");
     if (!edited.count(spec.name)) {
       edited[spec.name] = orig[spec.name];
-    } else if (spec.name != m.mask_source && spec.shape.size() != 4 &&
+    } else if (std::none_of(m.sources.begin(), m.sources.end(),
+                            [&](const Manifest::MaskSource& s) { return s.input == spec.name; }) &&
                edited[spec.name].bytes != orig[spec.name].bytes) {
       fail("edited input '" + spec.name + "' differs from the original; non-image inputs must equal the primed ones");
     }
@@ -458,8 +505,8 @@ int run(int argc, char** argv) {
     if (std::none_of(m.outputs.begin(), m.outputs.end(), [&](const TensorSpec& s) { return s.name == name; }))
       fail("unknown output '" + name + "'");
   }
-  HostTensor mask = opt.mask.empty() ? difference_mask(m, orig[m.mask_source], edited[m.mask_source])
-                                     : load_mask(m, opt.mask);
+  std::map<std::string, HostTensor> masks = opt.mask.empty() ? difference_masks(m, orig, edited)
+                                                             : load_mask(m, opt.mask);
 
   // ONNX Runtime, with the ssic op library for fused artefacts.
   const OrtApi* api = OrtGetApiBase()->GetApi(ORT_API_VERSION);
@@ -517,7 +564,8 @@ int run(int argc, char** argv) {
 
   // 2. Active tiles per grid from the mask.
   bool any = false;
-  for (int64_t i = 0; i < mask.size(); ++i) any = any || reinterpret_cast<const float*>(mask.bytes.data())[i] != 0.0f;
+  for (const auto& [name, mask] : masks)
+    for (int64_t i = 0; i < mask.size(); ++i) any = any || reinterpret_cast<const float*>(mask.bytes.data())[i] != 0.0f;
   std::map<std::string, const Ort::Value*> result;  // model output name -> value
   std::vector<Ort::Value> tiles, produced;
   std::string mode;
@@ -530,9 +578,15 @@ int run(int argc, char** argv) {
     std::vector<std::string> tile_names;
     for (const auto& g : m.grids) tile_names.push_back(g.tiles_input);
     auto tn = c_names(tile_names);
-    const char* mask_name = m.mask_input.c_str();
-    Ort::Value mask_value = mask.view(rt.cpu);
-    tiles = mask_sess.Run(Ort::RunOptions{nullptr}, &mask_name, &mask_value, 1, tn.data(), tn.size());
+    std::vector<std::string> mask_names;
+    std::vector<Ort::Value> mask_values;
+    for (auto& [name, mask] : masks) {
+      mask_names.push_back(name);
+      mask_values.push_back(mask.view(rt.cpu));
+    }
+    auto mn = c_names(mask_names);
+    tiles = mask_sess.Run(Ort::RunOptions{nullptr}, mn.data(), mask_values.data(), mask_values.size(), tn.data(),
+                          tn.size());
     double macs = m.macs_fixed;
     std::ostringstream tile_report;
     int64_t active = 0, cells = 0;
