@@ -23,7 +23,7 @@ ELEMENTWISE_UNARY = (
     "Sigmoid", "Tanh", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus", "Clip", "Neg", "Abs", "Exp", "Log",
     "Sqrt", "Erf", "Gelu", "Reciprocal", "Mish",
 )
-ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min")
+ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu")
 
 
 def pointwise_mask(node: ir.Node, masks: MaskGraph) -> str | None:
@@ -222,7 +222,7 @@ class ConcatRule(PointwiseRule):
 class DensePointwiseRule(PointwiseRule):
     """Pointwise ops without a tile rule: they run dense, exact mode takes the union of input masks."""
 
-    op_types = ("Cast", "Where", "PRelu")
+    op_types = ("Cast", "Where")
 
 
 register(AliasRule())
