@@ -113,7 +113,7 @@ def _patterns():
     }
 
 
-@pytest.mark.parametrize("name", ["prelu", "clip", "hardswish", "gelu_erf"])
+@pytest.mark.parametrize("name", ["prelu", "clip", "hardswish", "gelu_erf", "split_gate", "channel_layernorm"])
 def test_more_pointwise_ops_on_tiles(tmp_path, name):
     """PReLU, Clip, HardSwish, GELU (erf form), Split gates and channel LayerNorm run on tiles: no extra scatter."""
     middle, inits = _patterns()[name]

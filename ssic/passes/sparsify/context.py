@@ -115,6 +115,11 @@ class SparsifyContext:
         self.counter = 0
         self.result = SparsifyResult()
 
+    @property
+    def opset(self) -> int:
+        """The model's default-domain opset (the form of the ops the rules emit must match it)."""
+        return int(self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx", 18)))
+
     # ------------------------------------------------------------------ representations
     def rep(self, value: ir.Value) -> Rep:
         """The representation of ``value``: what a rule has recorded, else the dense value itself."""

@@ -219,6 +219,78 @@ class ConcatRule(PointwiseRule):
         ctx.set_rep(node.outputs[0], TileValue(grid, y, None, static_shape(node.outputs[0])[1]))
 
 
+class SplitRule(PointwiseRule):
+    """``Split`` on the channel axis (gates such as NAFNet's SimpleGate): a Split of the tile tensor."""
+
+    op_types = ("Split",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        grid = ctx.grid_of_output(node)
+        shape = static_shape(node.inputs[0])
+        if grid is None or shape is None or node.attributes.get_int("axis", 0) not in (1, -3):
+            return Refusal("not a channel split at a sparse resolution")
+        if any(static_shape(o) is None for o in node.outputs):
+            return Refusal("split sizes unknown")
+        if not ctx.rep(node.inputs[0]).tileable_on(grid):
+            return Refusal(f"input cannot be tiled on grid {grid.name}")
+        return None
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        grid = ctx.grid_of_output(node)
+        x = node.inputs[0]
+        tiles = ctx.rep(x).to_tiles(ctx, grid, static_shape(x)[1])
+        sizes = [static_shape(o)[1] for o in node.outputs]
+        parts = ctx.add("Split", [tiles, ctx.i64(sizes, "split")], {"axis": 1}, name_hint="split",
+                        num_outputs=len(sizes))
+        parts = [parts] if len(sizes) == 1 else list(parts)
+        for out, part, c in zip(node.outputs, parts, sizes, strict=True):
+            ctx.set_rep(out, TileValue(grid, part, None, c))
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        return pointwise_mask(node, masks) if node.attributes.get_int("axis", 0) in (1, -3) else ALL
+
+
+def _reduce_axes(node: ir.Node) -> list[int] | None:
+    from ssic.passes.sparsify.context import const_array
+
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        axes = const_array(node.inputs[1])
+        return None if axes is None else [int(a) for a in axes.reshape(-1)]
+    attr = node.attributes.get_ints("axes", None)
+    return None if attr is None else list(attr)
+
+
+class ChannelReduceRule(PointwiseRule):
+    """``ReduceMean`` over the channel axis (channel LayerNorm written out): a reduction of each tile row."""
+
+    op_types = ("ReduceMean",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        grid = ctx.grid_of_output(node)
+        if grid is None or _reduce_axes(node) not in ([1], [-3]) or not node.attributes.get_int("keepdims", 1):
+            return Refusal("not a channel mean (keepdims) at a sparse resolution")
+        x = node.inputs[0]
+        if static_shape(x) is None or not ctx.rep(x).tileable_on(grid):
+            return Refusal(f"input cannot be tiled on grid {grid.name}")
+        return None
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        grid = ctx.grid_of_output(node)
+        x = node.inputs[0]
+        tiles = ctx.rep(x).to_tiles(ctx, grid, static_shape(x)[1])
+        if ctx.opset >= 18:
+            y = ctx.add("ReduceMean", [tiles, ctx.i64([1], "axes")], {"keepdims": 1}, name_hint="channel_mean")
+        else:
+            y = ctx.add("ReduceMean", [tiles], {"axes": [1], "keepdims": 1}, name_hint="channel_mean")
+        ctx.set_rep(node.outputs[0], TileValue(grid, y, None, 1))
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        axes = _reduce_axes(node)
+        if axes is None or any(a % 4 in (2, 3) for a in axes) or not node.attributes.get_int("keepdims", 1):
+            return ALL
+        return pointwise_mask(node, masks)
+
+
 class DensePointwiseRule(PointwiseRule):
     """Pointwise ops without a tile rule: they run dense, exact mode takes the union of input masks."""
 
@@ -231,4 +303,6 @@ register(ActivationRule())
 register(AffineRule())
 register(ElementwiseRule())
 register(ConcatRule())
+register(SplitRule())
+register(ChannelReduceRule())
 register(DensePointwiseRule())
