@@ -70,10 +70,40 @@ class FoldStaticShapePass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified)
 
 
+#: ops whose output 0 has the shape and type of input 0 (filled in where ONNX's inference leaves them
+#: unknown: it infers nothing for opset-21 GroupNormalization, so everything after it lost its shape)
+SHAPE_PRESERVING = {"GroupNormalization", "InstanceNormalization", "LayerNormalization", "BatchNormalization",
+                    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus",
+                    "Clip", "Neg", "Abs", "Exp", "Log", "Sqrt", "Erf", "Gelu", "Identity", "Reciprocal", "Mish",
+                    "Dropout", "PRelu"}
+
+
 class InferShapesPass(ir.passes.InPlacePass):
-    """ONNX shape inference with data propagation; every value gets a static shape where one exists."""
+    """ONNX shape inference with data propagation; every value gets a static shape where one exists.
+
+    Where ONNX's inference stops at an op it cannot infer although the op keeps its input's shape
+    (:data:`SHAPE_PRESERVING`), that shape is filled in and inference runs again from there.
+    """
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        for _ in range(16):
+            self._infer(model)
+            filled = False
+            for node in model.graph:
+                if node.domain not in ("", "ai.onnx") or node.op_type not in SHAPE_PRESERVING or not node.inputs:
+                    continue
+                x, y = node.inputs[0], node.outputs[0]
+                if x is not None and x.shape is not None and y.shape is None:
+                    y.shape = ir.Shape(list(x.shape))
+                    if y.type is None:
+                        y.type = x.type
+                    filled = True
+            if not filled:
+                break
+        return ir.passes.PassResult(model, True)
+
+    @staticmethod
+    def _infer(model: ir.Model) -> None:
         proto = ir.serde.serialize_model(model)
         try:
             inferred = onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
@@ -94,7 +124,6 @@ class InferShapesPass(ir.passes.InPlacePass):
                         out.shape = shape
                     if typ is not None:
                         out.type = typ
-        return ir.passes.PassResult(model, True)
 
 
 def preprocess_passes(disabled: set[str]) -> list[tuple[str, ir.passes.PassBase]]:

@@ -1,0 +1,176 @@
+"""Normalisation rules: GroupNormalization, TorchScript's GroupNorm pattern, BatchNormalization.
+
+GroupNorm in the sparse region becomes a per-channel ``x*scale + shift`` pending on the tile value.
+By default (``gn_stats="incremental"``) the statistics are corrected with the new tiles: the prime
+graph outputs each GroupNorm input's per-channel sum and sum of squares (float64) and the sparse graph
+adds the new tiles' sums minus the cached values' sums under them, so they are the edited tensor's
+statistics wherever pixels outside the active tiles are unchanged (exact with every tile active).
+``gn_stats="cached"`` keeps the prime run's scale/shift (SIGE's approximation). Inference BatchNorm
+is an exact per-channel affine map. GroupNorm statistics are global: in exact mode the whole output
+may change (no mask rule); BatchNorm is pointwise.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from ssic.passes.analysis import static_shape
+from ssic.passes.sparsify.context import GroupNormStats, SparsifyContext, const_array
+from ssic.passes.sparsify.pointwise import PointwiseRule, channel_map
+from ssic.passes.sparsify.rule import Refusal, Rule, register
+from ssic.passes.sparsify.values import TileValue
+
+
+def group_norm(ctx: SparsifyContext, layer: str, x: ir.Value, out: ir.Value, groups: int, eps: float,
+               gamma: np.ndarray, beta: np.ndarray) -> None:
+    """Record ``out = GroupNorm(x)`` (``x`` a tile value, per-channel ``gamma``/``beta``) as a tile value."""
+    rep = ctx.rep(x)
+    if rep.has_epilogue or rep.base is None:
+        rep = ctx.cacheable(x, rep)
+    c = rep.channels
+    incremental = ctx.gn_stats == "incremental"
+    if incremental:
+        names = (f"ssic.gn_sum.{x.name}", f"ssic.gn_sumsq.{x.name}")
+        kinds, dtype = ("gn_sum", "gn_sumsq"), "float64"
+    else:
+        names = (f"ssic.gn_scale.{x.name}", f"ssic.gn_shift.{x.name}")
+        kinds, dtype = ("gn_scale", "gn_shift"), "float32"
+    if names[0] not in {st.scale_name for st in ctx.result.gn_stats}:
+        ctx.result.gn_stats.append(GroupNormStats(x.name, groups, eps, gamma.astype(np.float32).reshape(c),
+                                                  beta.astype(np.float32).reshape(c), names[0], names[1], layer,
+                                                  incremental))
+    a, b = (ctx.stat_input(nm, x, c, kind, rep.grid, layer, dtype) for nm, kind in zip(names, kinds, strict=True))
+    if incremental:
+        a, b = _incremental_stats(ctx, rep, a, b, groups, eps, gamma, beta)
+    ctx.set_rep(out, TileValue(rep.grid, rep.tiles, rep.base, c, a, b, dense_source=rep.dense_source))
+
+
+def _incremental_stats(ctx: SparsifyContext, rep: TileValue, s1: ir.Value, s2: ir.Value, groups: int, eps: float,
+                       gamma: np.ndarray, beta: np.ndarray) -> tuple[ir.Value, ir.Value]:
+    """GroupNorm scale/shift of the edited tensor from the prime run's sums and the changed tiles.
+
+    ``sum_new = sum_prime + sum(new tiles) - sum(cached values under the tiles)`` (and the same for
+    squares). Four float32 reductions over the ``[M, C]`` tiles; the ``[C]`` arithmetic runs in float64.
+    """
+    c, grid = rep.channels, rep.grid
+    old = ctx.gather_cached(rep.base, grid, c, "gn_old")
+    new = rep.tiles
+    if grid.height % grid.tile or grid.width % grid.tile:
+        valid = ctx.valid_rows(grid)
+        new, old = ctx.add("Mul", [new, valid]), ctx.add("Mul", [old, valid])
+    axis0 = ctx.i64([0], "axis0")
+
+    def total(op: str, v: ir.Value) -> ir.Value:
+        return ctx.add("Cast", [ctx.add(op, [v, axis0], {"keepdims": 0})], {"to": ir.DataType.DOUBLE})
+
+    d1 = ctx.add("Sub", [total("ReduceSum", new), total("ReduceSum", old)])
+    d2 = ctx.add("Sub", [total("ReduceSumSquare", new), total("ReduceSumSquare", old)])
+    cpg = c // groups
+    per_group = ctx.i64([groups, cpg], "gshape")
+    axis1 = ctx.i64([1], "axis1")
+    n = float(grid.height * grid.width * cpg)
+    g1 = ctx.add("ReduceSum", [ctx.add("Reshape", [ctx.add("Add", [s1, d1]), per_group]), axis1], {"keepdims": 1})
+    g2 = ctx.add("ReduceSum", [ctx.add("Reshape", [ctx.add("Add", [s2, d2]), per_group]), axis1], {"keepdims": 1})
+    mean = ctx.add("Div", [g1, ctx.const(np.array(n), "count")])
+    var = ctx.add("Sub", [ctx.add("Div", [g2, ctx.const(np.array(n), "count")]), ctx.add("Mul", [mean, mean])])
+    inv = ctx.add("Reciprocal", [ctx.add("Sqrt", [ctx.add("Add", [var, ctx.const(np.array(float(eps)), "eps")])])])
+    flat = ctx.i64([c], "cshape")
+    inv_c = ctx.add("Reshape", [ctx.add("Expand", [inv, per_group]), flat])
+    mean_c = ctx.add("Reshape", [ctx.add("Expand", [mean, per_group]), flat])
+    scale = ctx.add("Mul", [inv_c, ctx.const(gamma.astype(np.float64).reshape(c), "gamma")])
+    shift = ctx.add("Sub", [ctx.const(beta.astype(np.float64).reshape(c), "beta"), ctx.add("Mul", [mean_c, scale])])
+    return (ctx.add("Cast", [scale], {"to": ir.DataType.FLOAT}, name_hint="gn_scale"),
+            ctx.add("Cast", [shift], {"to": ir.DataType.FLOAT}, name_hint="gn_shift"))
+
+
+def _tile_input_refusal(ctx: SparsifyContext, x: ir.Value) -> Refusal | None:
+    if not isinstance(ctx.rep(x), TileValue):
+        return Refusal("normalisation of a value that is not a tile value")
+    return None
+
+
+class GroupNormRule(Rule):
+    """``GroupNormalization`` with constant scale/bias (per group or per channel)."""
+
+    op_types = ("GroupNormalization",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        if static_shape(node.inputs[0]) is None or const_array(node.inputs[1]) is None \
+                or const_array(node.inputs[2]) is None:
+            return Refusal("input shape unknown or scale/bias not constant")
+        return _tile_input_refusal(ctx, node.inputs[0])
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        x = node.inputs[0]
+        c = static_shape(x)[1]
+        gamma, beta = const_array(node.inputs[1]), const_array(node.inputs[2])
+        groups = node.attributes.get_int("num_groups", 1)
+        if gamma.size == groups and groups != c:
+            gamma, beta = np.repeat(gamma, c // groups), np.repeat(beta, c // groups)
+        group_norm(ctx, node.name, x, node.outputs[0], groups, node.attributes.get_float("epsilon", 1e-5), gamma, beta)
+
+
+class InstanceNormGroupNormRule(Rule):
+    """``Reshape([1,G,-1]) -> InstanceNormalization -> Reshape([1,C,H,W])``: GroupNorm as TorchScript exports it."""
+
+    op_types = ("Reshape",)
+
+    @staticmethod
+    def _match(node: ir.Node) -> tuple[ir.Node, ir.Node] | str:
+        shape, mid = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+        if shape is None or mid is None or len(mid) != 3 or len(shape) != 4:
+            return "reshape of a tile value (not a GroupNorm pattern)"
+        users = list(node.outputs[0].uses())
+        if len(users) != 1 or users[0].node.op_type != "InstanceNormalization":
+            return "reshape of a tile value (not a GroupNorm pattern)"
+        inorm = users[0].node
+        users2 = list(inorm.outputs[0].uses())
+        if len(users2) != 1 or users2[0].node.op_type != "Reshape":
+            return "reshape of a tile value (not a GroupNorm pattern)"
+        back = users2[0].node
+        if static_shape(back.outputs[0]) != shape:
+            return "reshape of a tile value (not a GroupNorm pattern)"
+        if const_array(inorm.inputs[1]) is None or const_array(inorm.inputs[2]) is None or shape[1] % mid[1]:
+            return "GroupNorm pattern with non-constant scale/bias"
+        return inorm, back
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        match = self._match(node)
+        if isinstance(match, str):
+            return Refusal(match)
+        return _tile_input_refusal(ctx, node.inputs[0])
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        inorm, back = self._match(node)
+        x = node.inputs[0]
+        groups, c = static_shape(node.outputs[0])[1], static_shape(x)[1]
+        s, b = const_array(inorm.inputs[1]), const_array(inorm.inputs[2])
+        ctx.skip.update({inorm, back})
+        group_norm(ctx, inorm.name, x, back.outputs[0], groups, inorm.attributes.get_float("epsilon", 1e-5),
+                   np.repeat(s, c // groups), np.repeat(b, c // groups))
+
+
+class BatchNormRule(PointwiseRule):
+    """Inference ``BatchNormalization``: an exact per-channel affine map."""
+
+    op_types = ("BatchNormalization",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        if any(const_array(v) is None for v in node.inputs[1:5]) or any(o.uses() for o in node.outputs[1:]):
+            return Refusal("BatchNorm with non-constant statistics or training outputs")
+        reason = ctx.rep(node.inputs[0]).channel_map_refusal()
+        return None if reason is None else Refusal(reason)
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        gamma, beta, mean, var = (const_array(v) for v in node.inputs[1:5])
+        eps = node.attributes.get_float("epsilon", 1e-5)
+        a = (gamma / np.sqrt(var + eps)).astype(np.float32)
+        bb = (beta - mean * a).astype(np.float32)
+        channel_map(node, ctx, ctx.rep(node.inputs[0]),
+                    lambda t: ctx.compose(t, mul=ctx.const(a, "bn_scale"), add=ctx.const(bb, "bn_shift")))
+
+
+register(GroupNormRule())
+register(InstanceNormGroupNormRule())
+register(BatchNormRule())

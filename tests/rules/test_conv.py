@@ -1,0 +1,62 @@
+"""Conv rules: a 3x3 / strided / 1x1 chain becomes gathers and MatMuls, exact mode equals dense."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from tests.rules.harness import (
+    assert_edits_match_dense,
+    compile_and_load,
+    conv_params,
+    model,
+    op_counts,
+    rewrite,
+)
+
+H = W = 32
+
+
+def conv_chain():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["ar"]),
+        helper.make_node("Conv", ["ar", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node("Conv", ["b", "c_w", "c_b"], ["y"]),
+    ]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 8, 8, 3) | conv_params(rng, "c", 4, 8, 1)
+    return model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 4, H // 2, W // 2]}, inits)
+
+
+def test_conv_chain_structure():
+    sparse, result = rewrite(conv_chain(), min_res=16)
+    ops = op_counts(sparse)
+    assert ops["Conv"] == 0 and ops["MatMul"] == 3
+    assert ops["TileGather"] == 2  # the 1x1 conv on tiles of its own grid is a MatMul on the tiles
+    assert ops["TileScatter"] == 1  # only the output
+    assert ops["Relu"] == 0  # folded into the second gather
+    assert [d.sparse for d in result.decisions] == [True, True, True]
+    assert [d.kind for d in result.decisions] == ["3x3", "3x3/s2", "1x1"]
+
+
+def test_conv_chain_exact_equals_dense(tmp_path):
+    sess, _ = compile_and_load(conv_chain(), tmp_path, exact=True, sparse_min_res=16, tile=2)
+    fractions = assert_edits_match_dense(sess, "x", [1, 3, H, W])
+    assert max(fractions) < 0.5
+
+
+def test_refused_conv_says_why():
+    """A conv whose weight is computed at run time stays dense with a reason; the rest stays sparse."""
+    rng = np.random.default_rng(1)
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Neg", ["b_w"], ["nw"]),
+        helper.make_node("Conv", ["a", "nw", "b_b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    inits = conv_params(rng, "a", 8, 3, 3)
+    m = model(nodes, {"x": [1, 3, H, W], "b_w": [4, 8, 3, 3]}, {"y": [1, 4, H, W]}, inits | {"b_b": np.zeros(4, np.float32)})
+    _, result = rewrite(m, min_res=16)
+    assert [d.sparse for d in result.decisions] == [True, False]
+    assert result.decisions[1].reason == "weights are not a constant 2-D kernel"
+    assert result.decisions[1].channels == (8, 4)

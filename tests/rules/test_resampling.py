@@ -1,0 +1,54 @@
+"""Resampling rules: nearest upsample and zero pad fold into the next gather; AveragePool on tiles."""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import helper
+
+from tests.rules.harness import (
+    assert_edits_match_dense,
+    compile_and_load,
+    conv_params,
+    model,
+    op_counts,
+    rewrite,
+)
+
+H = W = 32
+
+
+def resample_net():
+    """conv -> avgpool 2 -> conv -> nearest x2 -> conv -> zero pad (0,1,0,1) -> 3x3/s2 conv (pad 0) -> nearest x2 -> conv."""
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("AveragePool", ["a"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+        helper.make_node("Resize", ["b", "", "scales"], ["u"], mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Conv", ["u", "c_w", "c_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Pad", ["c", "pads"], ["cp"]),
+        helper.make_node("Conv", ["cp", "d_w", "d_b"], ["d"], strides=[2, 2]),
+        helper.make_node("Resize", ["d", "", "scales"], ["du"], mode="nearest",
+                         coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+        helper.make_node("Conv", ["du", "e_w", "e_b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    inits = (conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 8, 8, 3) | conv_params(rng, "c", 8, 8, 3)
+             | conv_params(rng, "d", 8, 8, 3) | conv_params(rng, "e", 3, 8, 3))
+    inits |= {"scales": np.array([1, 1, 2, 2], np.float32), "pads": np.array([0, 0, 0, 0, 0, 0, 1, 1], np.int64)}
+    return model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+
+
+def test_resampling_structure():
+    sparse, result = rewrite(resample_net(), min_res=16)
+    ops = op_counts(sparse)
+    assert all(d.sparse for d in result.decisions) and len(result.decisions) == 5
+    assert ops["Resize"] == 0 and ops["Pad"] == 0 and ops["AveragePool"] == 0
+    assert ops["TileScatter"] == 1 and ops["ReduceMean"] == 1
+    gathers = [n for n in sparse.graph if n.op_type == "TileGather"]
+    assert sorted(n.attributes["upsample"].value for n in gathers) == [1, 1, 1, 1, 2, 2]
+
+
+def test_resampling_exact_equals_dense(tmp_path):
+    sess, _ = compile_and_load(resample_net(), tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.7
