@@ -170,6 +170,30 @@ def test_realesrgan_fetched_weights_upscale(variant, min_db, smooth32):
     assert _psnr(y[..., 8:-8, 8:-8], up[..., 8:-8, 8:-8]) > min_db
 
 
+@pytest.mark.parametrize("variant", ["animevideov3", "x4plus-anime"])
+def test_realesrgan_port_matches_ncnn_runtime(variant):
+    """Our port vs Real-ESRGAN's own ncnn runtime (the package's CPU path): within one 8-bit level.
+    That path reflect-pads the image by 10 pixels, so the port is run on the same padded input."""
+    import torch.nn.functional as F
+
+    _fetched(tw.realesrgan_ncnn_files, variant)
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:24, 0:20] / 24
+    img = np.stack([0.5 + 0.4 * np.sin(7 * yy + c) * np.cos(5 * xx - c) for c in range(3)], -1)
+    img = np.clip(img * 255 + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    try:
+        ref = tw.run_realesrgan_ncnn(img, variant)
+    except SSICError as e:
+        pytest.skip(f"ncnn runtime unavailable here: {e}")
+    x = torch.from_numpy(img.transpose(2, 0, 1)[None].astype(np.float32) / 255)
+    with torch.no_grad():
+        y = tw.load_realesrgan_weights(variant)(F.pad(x, (10, 10, 10, 10), mode="reflect"))
+    ours = np.clip(y[0, :, 40:-40, 40:-40].numpy().transpose(1, 2, 0) * 255 + 0.5, 0, 255).astype(np.uint8)
+    diff = np.abs(ours.astype(int) - ref.astype(int))
+    assert ref.shape == (96, 80, 3)
+    assert diff.max() <= 1 and diff.mean() < 0.01
+
+
 # ------------------------------------------------------------------------------------------- export + compile
 
 

