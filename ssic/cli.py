@@ -365,15 +365,27 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
 
 
 @cli.command()
+@click.option("--model", type=click.Choice(["realesrgan", "ddim"]), default="realesrgan", show_default=True,
+              help="realesrgan = trained x4 upscaling of the edit; ddim = SDEdit with the DDIM UNet.")
+@click.option("--size", type=int, default=64, show_default=True, help="Real-ESRGAN: input side (the church is downscaled).")
+@click.option("--variant", type=click.Choice(["x4plus", "x4plus-anime", "animevideov3"]), default="x4plus",
+              show_default=True, help="Real-ESRGAN network.")
 @click.option("--preset", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
 @click.option("--steps", type=int, default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(), default="out/demo", show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True)
 @click.option("--weights", type=click.Path(), default=None, help="The official DDIM church checkpoint (default: random weights).")
-def demo(preset, steps, out_dir, threads, weights) -> None:
-    """The editing demo: SDEdit with DDIM over the denoising steps, dense vs sparse, on the church edit."""
+def demo(model, size, variant, preset, steps, out_dir, threads, weights) -> None:
+    """The editing demo: the church edit upscaled x4 by trained Real-ESRGAN, dense vs sparse (default), or
+    SDEdit with DDIM over the denoising steps (--model ddim)."""
     from ssic.demo import run_demo
 
+    if model == "realesrgan":
+        from ssic.demo import run_realesrgan_demo
+
+        run_realesrgan_demo(size=size, variant=variant, out_dir=Path(out_dir), threads=threads,
+                            log=lambda m: _log(m, 0))
+        return
     run_demo(preset=preset, steps=steps, out_dir=Path(out_dir), threads=threads, log=lambda m: _log(m, 0),
              weights=weights)
 

@@ -176,7 +176,12 @@ def export_trained(name: str, variant: str | None, size, output_path: str | Path
     Real-ESRGAN: ``image [1,3,H,W]`` -> ``image_x4 [1,3,4H,4W]``; OIDN: ``color [1,3,H,W]`` (sides
     multiples of 16) -> ``denoised [1,3,H,W]``; float32 RGB in [0, 1]. Raises SSICError.
     """
-    from ssic.models.trained_weights import TRAINED_MODELS, build_trained, parse_size, trained_example_inputs
+    from ssic.models.trained_weights import (
+        TRAINED_MODELS,
+        build_trained,
+        parse_size,
+        trained_example_inputs,
+    )
 
     if name not in TRAINED_MODELS:
         raise SSICError(f"unknown trained model {name!r}: choose one of {', '.join(TRAINED_MODELS)}")
