@@ -365,9 +365,10 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
 
 
 @cli.command()
-@click.option("--model", type=click.Choice(["realesrgan", "ddim"]), default="realesrgan", show_default=True,
-              help="realesrgan = trained x4 upscaling of the edit; ddim = SDEdit with the DDIM UNet.")
-@click.option("--size", type=int, default=64, show_default=True, help="Real-ESRGAN: input side (the church is downscaled).")
+@click.option("--model", type=click.Choice(["realesrgan", "oidn", "ddim"]), default="realesrgan", show_default=True,
+              help="realesrgan = trained x4 upscaling of the edit; oidn = re-denoising a changed noisy render; "
+              "ddim = SDEdit with the DDIM UNet.")
+@click.option("--size", type=int, default=None, help="Real-ESRGAN/OIDN: input side (default 64 / 256).")
 @click.option("--variant", type=click.Choice(["x4plus", "x4plus-anime", "animevideov3"]), default="x4plus",
               show_default=True, help="Real-ESRGAN network.")
 @click.option("--preset", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
@@ -383,8 +384,15 @@ def demo(model, size, variant, preset, steps, out_dir, threads, weights) -> None
     if model == "realesrgan":
         from ssic.demo import run_realesrgan_demo
 
-        run_realesrgan_demo(size=size, variant=variant, out_dir=Path(out_dir), threads=threads,
+        run_realesrgan_demo(size=size or 64, variant=variant, out_dir=Path(out_dir), threads=threads,
                             log=lambda m: _log(m, 0))
+        return
+    if model == "oidn":
+        from ssic.demo import run_oidn_demo
+
+        if (size or 256) % 16:
+            raise SSICError("OIDN needs --size a multiple of 16")
+        run_oidn_demo(size=size or 256, out_dir=Path(out_dir) / "oidn", threads=threads, log=lambda m: _log(m, 0))
         return
     run_demo(preset=preset, steps=steps, out_dir=Path(out_dir), threads=threads, log=lambda m: _log(m, 0),
              weights=weights)
