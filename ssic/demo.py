@@ -169,12 +169,13 @@ def run_realesrgan_demo(size: int = 64, variant: str = "x4plus", out_dir: Path =
     Image.fromarray(rgb(sparse)).save(out_dir / "sparse.png")
     Image.fromarray(np.concatenate(tiles, axis=1)).save(out_dir / "side_by_side.png")
     db = "identical" if psnr == float("inf") else f"{psnr:.1f} dB"
-    log(f"dense {dense_s:.2f} s, sparse {sparse_s:.2f} s ({dense_s / sparse_s:.2f}x, {sess.last.mode}, "
+    mac_ratio = sess.last.macs_dense / max(sess.last.macs, 1)
+    log(f"dense {dense_s:.2f} s, sparse {sparse_s:.2f} s ({dense_s / sparse_s:.2f}x, MAC ratio {mac_ratio:.1f}x, "
         f"{100 * sess.last.active_fraction:.1f}% tiles active); PSNR sparse vs dense over the whole image {db}")
     log(f"wrote {out_dir}/dense.png, sparse.png, side_by_side.png (original | edited | dense x4 | sparse x4 | "
         "|sparse - dense| x10)")
     return {"dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s, "psnr": psnr,
-            "edited_fraction": float(lr_mask.mean())}
+            "mac_ratio": mac_ratio, "edited_fraction": float(lr_mask.mean())}
 
 
 def run_oidn_demo(size: int = 256, filter_name: str = "rt_ldr", area: float = 0.02, out_dir: Path = Path("out/demo-oidn"),
