@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_REQ ?= torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: help install plugins demo test test-slow bench bench-sige goldens serve-example lint clean
+.PHONY: help install plugins demo demo-ddim test test-slow bench bench-sige goldens serve-example lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -22,8 +22,11 @@ plugins: ## Rebuild the C++ ONNX Runtime op library in place
 	$(PIP) install -q --no-build-isolation -e ".[test,bench]"
 	@mkdir -p build && touch $(STAMP)
 
-demo: $(STAMP) ## The main job: SDEdit with DDIM, dense vs sparse on ONNX Runtime CPU
-	$(PYTHON) -m ssic.cli demo --preset tiny --steps 10 --out out/demo
+demo: $(STAMP) ## The main job: the church edit upscaled x4 by trained Real-ESRGAN, dense vs sparse (ORT CPU)
+	$(PYTHON) -m ssic.cli demo --model realesrgan --size 64 --out out/demo
+
+demo-ddim: $(STAMP) ## SDEdit with DDIM (random weights), dense vs sparse on ONNX Runtime CPU
+	$(PYTHON) -m ssic.cli demo --model ddim --preset tiny --steps 10 --out out/demo-ddim
 
 test: $(STAMP) ## Run the test suite (what CI runs)
 	$(PYTHON) -m pytest -q -p no:cacheprovider tests

