@@ -79,6 +79,11 @@ ROWS = {
     "halos": ({"32x32": 3}, lambda a, b: read_manifest(b).grid("32x32").halo == 3 and _mask_attrs(a) != _mask_attrs(b),
               "one grid's halo"),
     "fallback_ratio": (0.01, None, "the runtime's dense fallback"),
+    "radius_budget": (3, lambda a, b: read_manifest(b).mask.mode == "bounded-exact" and _mask_attrs(a) != _mask_attrs(b),
+                      "bounded exact mask graph"),
+    "calibrate": ("IMAGES", lambda a, b: read_manifest(b).calibration is not None
+                  and read_manifest(b).calibration["samples"] == 2, "a calibrated radius budget"),
+    "target_psnr": (30.0, None, "refused without --calibrate"),
     "gn_stats": ("cached", lambda a, b: {c.kind for c in read_manifest(b).caches} >= {"gn_scale", "gn_shift"}
                  and not {c.kind for c in read_manifest(b).caches} & {"gn_sum", "gn_sumsq"}
                  and _digest(a, "sparse.onnx") != _digest(b, "sparse.onnx"), "GroupNorm caches"),
@@ -103,16 +108,25 @@ def default_art(model, tmp_path_factory):
 def test_option_changes_the_artefact(name, model, default_art, tmp_path):
     value, check, what = ROWS[name]
     out = tmp_path / f"{name}.ssic"
+    if value == "IMAGES":
+        from PIL import Image
+
+        Image.fromarray((np.random.default_rng(0).uniform(0, 255, (40, 40, 3))).astype(np.uint8)).save(tmp_path / "a.png")
+        value = [str(tmp_path / "a.png")]
     kwargs = {name: value}
     if name in ("target", "lowering"):
         kwargs = {"target": value} if name == "target" else {"lowering": value}
     try:
         art = ssic.compile(model, output_dir=out, **kwargs)
     except SSICError as exc:
+        assert not out.exists()
+        if name == "target_psnr":
+            assert "--calibrate" in str(exc)
+            return
         assert name == "target", f"{name}={value!r} was refused: {exc}"
         assert "TensorRT" in str(exc) or "tensorrt" in str(exc).lower()
-        assert not out.exists()
         return
+    assert name != "target_psnr", "target_psnr without calibrate images must be refused"
     m = read_manifest(art)
     recorded = getattr(m.options, name)
     assert recorded == value, f"{name}: manifest records {recorded!r}, compiled with {value!r}"
