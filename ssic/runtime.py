@@ -115,8 +115,12 @@ class Session:
                 file = self.path / self.manifest["graphs"][which]
                 if not file.exists():
                     raise SSICError(f"{self.path} is incomplete: {file.name} is missing; recompile the artefact")
+                options = self._options()
+                if which in ("sparse", "mask"):
+                    # shapes change with every edit's tile count; ORT would keep a memory pattern per shape
+                    options.enable_mem_pattern = False
                 try:
-                    self._sessions[which] = self._ort.InferenceSession(str(file), self._options(),
+                    self._sessions[which] = self._ort.InferenceSession(str(file), options,
                                                                        providers=["CPUExecutionProvider"])
                 except Exception as exc:
                     raise SSICError(f"cannot load {file.name}: {str(exc).splitlines()[0][:300]}") from None
