@@ -43,15 +43,15 @@ class EditStats:
 
 def _read_manifest(path: Path) -> dict:
     mf = path / "manifest.json"
-    if not path.exists():
-        raise SSICError(f"artefact not found: {path}")
-    if not mf.exists():
-        raise SSICError(f"{path} is not an ssic artefact (no manifest.json); compile one with `ssic compile`")
     try:
+        if not path.exists():
+            raise SSICError(f"artefact not found: {path}")
+        if not mf.exists():
+            raise SSICError(f"{path} is not an ssic artefact (no manifest.json); compile one with `ssic compile`")
         manifest = json.loads(mf.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise SSICError(f"{mf} is corrupt (not valid JSON); recompile the artefact") from None
-    except OSError as exc:
+    except OSError as exc:  # permissions, a directory in its place: one line, not a bare PermissionError
         raise SSICError(f"cannot read {mf}: {exc.strerror or exc}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != "ssic-artefact":
         raise SSICError(f"{mf} is not an ssic manifest")
@@ -298,6 +298,7 @@ class Session:
 
 def load(path: str | Path, *, threads: int | None = None):
     """Load a compiled artefact directory; returns a :class:`Session` (or a TensorRT session)."""
+    check_threads(threads)
     manifest = _read_manifest(Path(path))
     if manifest.get("target") == "trt":
         from ssic.targets.trt import load as load_trt

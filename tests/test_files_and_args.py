@@ -443,6 +443,10 @@ def test_other_commands_check_arguments(arts, tmp_path):
     assert_error(cli("verify", arts["net"], "--golden", tmp_path / "g", "--atol", "-1"), "--atol")
     assert_error(cli("verify", tmp_path / "none.ssic", "--golden", tmp_path / "g"), "golden directory not found")
     assert_error(cli("demo", "--steps", "0"), "--steps")
+    for flag, value in [("--fallback-ratio", "-1"), ("--fallback-ratio", "nan"), ("--mask-eps", "nan"),
+                        ("--mask-radius", "-1"), ("--level-dilation", "-2"), ("--sparse-min-res", "0")]:
+        assert_error(cli("compile", arts["net_onnx"], "-o", tmp_path / "c.ssic", flag, value), flag)
+    assert not (tmp_path / "c.ssic").exists()
     assert_error(cli("demo", "--threads", "0"), "--threads")
 
 
