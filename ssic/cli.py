@@ -43,6 +43,13 @@ def _parse_tiles(values: tuple[str, ...], flag: str = "--tile-size") -> dict[str
     return out
 
 
+def _finite(ctx, param, value):
+    """click callback: refuse NaN and infinities (click's FloatRange lets NaN through)."""
+    if value is not None and not np.isfinite(value):
+        raise click.BadParameter(f"{value} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
 def _threads_option(ctx, param, value):
     """click callback: the thread count checked by :func:`ssic.library.check_threads` before any work."""
     from ssic.library import check_threads
@@ -332,7 +339,7 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
 @cli.command()
 @click.argument("artefact", type=click.Path())
 @click.option("--mask", "mask_file", default=None, help="Edit mask .npy (bool [H, W]).")
-@click.option("--area", type=float, default=None, help="Synthetic brush-stroke mask of this area fraction (e.g. 0.05).")
+@click.option("--area", type=float, default=None, callback=_finite, help="Synthetic brush-stroke mask of this area fraction (e.g. 0.05).")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median reported).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, callback=_threads_option, help="Intra-op threads.")
@@ -373,9 +380,9 @@ def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> No
 @cli.command()
 @click.argument("artefact", type=click.Path())
 @click.option("--golden", required=True, type=click.Path(), help="Directory with inputs.npz, edited.npz, mask.npy, expected.npz.")
-@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True)
-@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True)
-@click.option("--psnr", "min_psnr", type=float, default=60.0, show_default=True, help="Minimum PSNR (dB) per output.")
+@click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True, callback=_finite)
+@click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True, callback=_finite)
+@click.option("--psnr", "min_psnr", type=float, default=60.0, callback=_finite, show_default=True, help="Minimum PSNR (dB) per output.")
 @click.option("--update", is_flag=True, help="Write the golden outputs from this artefact instead of checking.")
 @click.option("--json", "as_json", is_flag=True)
 def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:

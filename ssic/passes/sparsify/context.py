@@ -306,10 +306,15 @@ class SparsifyContext:
         return self.add("Reshape", [ok, self.i64([-1, 1], "col")])
 
     def per_channel(self, value: ir.Value, channels: int) -> ir.Value:
-        """``value`` as a ``[C]`` (or ``[1]``) vector; requires :func:`per_channel_ok`."""
+        """``value`` as a ``[C]`` vector (a scalar is repeated: the fused kernels take one value per
+        channel); requires :func:`per_channel_ok`."""
         shape = static_shape(value)
         if len(shape) == 0 or math.prod(shape) == 1:
-            return value if len(shape) <= 1 else self.reshape(value, [1])
+            const = const_array(value)
+            if const is not None:
+                return self.const(np.full(channels, const.reshape(()), dtype=const.dtype), "vec")
+            flat = self.reshape(value, [1])
+            return self.add("Expand", [flat, self.i64([channels], "shape")], name_hint="vec")
         return self.reshape(value, [channels])
 
     def reshape(self, value: ir.Value, shape: list[int]) -> ir.Value:
