@@ -144,9 +144,8 @@ def editor_deployment(max_sessions: int):
 
         async def commit(self, session_id: str, base: list, version: int) -> dict:
             t0 = time.perf_counter()
-            primed, reprimed = await self._get(session_id, base, version)
-            return {"mode": "commit", "ms": 1e3 * (time.perf_counter() - t0), "reprimed": reprimed,
-                    "replica": self.replica}
+            await self._get(session_id, base, version)  # primes on the new original
+            return {"mode": "commit", "ms": 1e3 * (time.perf_counter() - t0), "replica": self.replica}
 
         def close(self, session_id: str) -> None:
             self.sess.forget(session_id)

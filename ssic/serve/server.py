@@ -80,13 +80,14 @@ def stop() -> None:
 def replica_actors(deployment: str = "Editor") -> list:
     """Handles of the running replica actors of ``deployment`` (for failure tests: ``ray.kill``)."""
     ray, _ = _require_ray()
-    from ray.util.state import list_actors
-
     out = []
-    for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000):
-        name = a.name or ""
+    for a in ray.util.list_named_actors(all_namespaces=True):
+        name = a["name"] if isinstance(a, dict) else a
         if name.startswith("SERVE_REPLICA::") and f"#{deployment}#" in name:
-            out.append(ray.get_actor(name, namespace="serve"))
+            try:
+                out.append(ray.get_actor(name, namespace=a.get("namespace", "serve") if isinstance(a, dict) else "serve"))
+            except ValueError:
+                pass  # died meanwhile
     return out
 
 
