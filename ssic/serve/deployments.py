@@ -19,7 +19,6 @@ import json
 import os
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,13 +81,17 @@ def editor_deployment(max_sessions: int):
             self.sess = ssic.load(artefact, threads=threads)
             self.replica = serve.get_replica_context().replica_id.unique_id
             self._pending: dict[str, tuple[list, int]] = {}
-            self._lock = threading.Lock()
+            self._specs = model_io(self.sess.manifest)[0]
+
+        def _decode(self, parts: dict[str, bytes]) -> dict[str, np.ndarray]:
+            # parts were checked by the ingress; decoding here keeps requests and the store small
+            return {s.name: decode_input(s, parts[s.name]) for s in self._specs}
 
         @serve.multiplexed(max_num_models_per_replica=max_sessions)
         async def _primed(self, session_id: str) -> _Primed:
             base, version = self._pending[session_id]
-            inputs = await base[0]
-            await asyncio.to_thread(self.sess.prime, inputs, session_id)
+            parts = await base[0]
+            await asyncio.to_thread(lambda: self.sess.prime(self._decode(parts), session_id))
             primed = _Primed(self, session_id, version)
             primed.fresh = True
             return primed
@@ -100,27 +103,27 @@ def editor_deployment(max_sessions: int):
             reprimed = getattr(primed, "fresh", False)
             primed.fresh = False
             if primed.version != version or primed.closed:
-                inputs = await base[0]
-                await asyncio.to_thread(self.sess.prime, inputs, session_id)
+                parts = await base[0]
+                await asyncio.to_thread(lambda: self.sess.prime(self._decode(parts), session_id))
                 primed.version, primed.closed, reprimed = version, False, True
             return primed, reprimed
 
         async def open(self, session_id: str, base: list) -> dict:
             t0 = time.perf_counter()
             await self._get(session_id, base, 0)
-            inputs = await base[0]
+            parts = await base[0]
             # an edit with an empty mask returns the primed outputs without running anything
             empty = np.zeros(mask_size(self.sess.manifest), dtype=bool)
-            out = await asyncio.to_thread(self.sess.edit, inputs, empty, session_id)
+            out = await asyncio.to_thread(lambda: self.sess.edit(self._decode(parts), empty, session_id))
             return {"outputs": out, "mode": "prime", "ms": 1e3 * (time.perf_counter() - t0),
                     "active_fraction": 1.0, "reprimed": False, "replica": self.replica}
 
-        async def edit(self, session_id: str, base: list, version: int, inputs: dict, mask,
+        async def edit(self, session_id: str, base: list, version: int, parts: dict, mask,
                        mode: str, compare_dense: bool) -> dict:
             for attempt in range(2):
                 primed, reprimed = await self._get(session_id, base, version)
                 try:
-                    return await asyncio.to_thread(self._edit, session_id, inputs, mask, mode, compare_dense,
+                    return await asyncio.to_thread(self._edit, session_id, parts, mask, mode, compare_dense,
                                                    reprimed)
                 except SSICError as exc:
                     # evicted by a concurrent request between _get and the edit: prime again, once
@@ -130,7 +133,8 @@ def editor_deployment(max_sessions: int):
                     raise
             raise SSICError("session could not be kept primed on this replica (cache budget too small)")
 
-        def _edit(self, session_id, inputs, mask, mode, compare_dense, reprimed) -> dict:
+        def _edit(self, session_id, parts, mask, mode, compare_dense, reprimed) -> dict:
+            inputs = self._decode(parts)
             out = self.sess.edit(inputs, mask=mask, cache_id=session_id, mode=mode)
             st = self.sess.last
             res = {"outputs": out, "mode": st.mode, "ms": 1e3 * st.seconds,
@@ -267,11 +271,14 @@ class Ingress:
             parts[key] = await value.read() if hasattr(value, "read") else str(value).encode()
         return parts
 
-    def _decode_inputs(self, parts: dict[str, bytes]) -> dict[str, np.ndarray]:
+    def _check_inputs(self, parts: dict[str, bytes]) -> dict[str, bytes]:
+        """Decode every input part once (raising SSICError for a bad one); returns the input parts."""
         missing = [s.name for s in self.inputs if s.name not in parts]
         if missing:
             raise _HTTPError(400, f"missing part(s) {missing}: one file part per model input")
-        return {s.name: decode_input(s, parts[s.name]) for s in self.inputs}
+        for s in self.inputs:
+            decode_input(s, parts[s.name])
+        return {s.name: parts[s.name] for s in self.inputs}
 
     async def _call(self, sid: str, method: str, *args):
         """Call an editor method routed by session id; retry on another replica if its replica died."""
@@ -295,7 +302,7 @@ class Ingress:
     async def _open(self, request: Request) -> Response:
         try:
             parts = await self._read_form(request)
-            inputs = self._decode_inputs(parts)
+            inputs = await asyncio.to_thread(self._check_inputs, parts)
         except _HTTPError as exc:
             return _error(exc.status, exc.message)
         if len(self.sessions) >= self.limits.max_sessions:
@@ -316,7 +323,7 @@ class Ingress:
     async def _edit(self, request: Request, sid: str, rec: _Record) -> Response:
         try:
             parts = await self._read_form(request)
-            inputs = self._decode_inputs(parts)
+            inputs = await asyncio.to_thread(self._check_inputs, parts)
             mask = decode_mask(parts["mask"], self.mask_hw) if "mask" in parts else None
             mode = parts.get("mode", b"auto").decode(errors="replace")
             if mode not in ("auto", "sparse", "dense"):
@@ -361,13 +368,15 @@ class _HTTPError(Exception):
 
 
 def session_bytes(manifest) -> int:
-    """Bytes of one primed session's caches (float32 caches of the manifest's shapes)."""
+    """Bytes one primed session holds on a replica: its float32 caches, the original and the last
+    edited inputs (float32 after decoding) and the primed outputs."""
+    def size(items) -> int:
+        return sum(int(np.prod(c["shape"] if isinstance(c, dict) else c.shape)) * 4 for c in items)
+
     caches = manifest["caches"] if isinstance(manifest, dict) else manifest.caches
-    total = 0
-    for c in caches:
-        shape = c["shape"] if isinstance(c, dict) else c.shape
-        total += int(np.prod(shape)) * 4
-    return total
+    inputs, outputs = model_io(manifest)
+    return size(caches) + 2 * sum(int(np.prod(s.shape)) * 4 for s in inputs) + \
+        sum(int(np.prod(s.shape)) * 4 for s in outputs)
 
 
 def max_body_bytes(inputs: list[IOSpec], mask_hw: tuple[int, int]) -> int:
