@@ -47,7 +47,7 @@ def browser():
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                "--window-size=1400,760", "--force-device-scale-factor=1"):
+                "--window-size=1180,420", "--force-device-scale-factor=1"):
         opts.add_argument(arg)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
     yield driver
@@ -71,7 +71,8 @@ def test_paint_a_stroke(server, browser, tmp_path):
 
     canvas = browser.find_element(By.ID, "input")
     size = canvas.size
-    assert (size["width"], size["height"]) == (512, 256)  # 1 CSS pixel = 1 model pixel
+    # 1 CSS pixel = 1 model pixel inside a 1 px border (offsets below are from the element's centre)
+    assert (canvas.get_attribute("clientWidth"), canvas.get_attribute("clientHeight")) == ("512", "256")
     # a horizontal stroke from (x=100, y=60) to (x=160, y=60) in model pixels, brush 12 px
     x0, y0, x1 = 100, 60, 160
     ActionChains(browser).move_to_element_with_offset(canvas, x0 - size["width"] // 2, y0 - size["height"] // 2) \
