@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -115,7 +116,7 @@ def run_phase(url: str, seqs: list, *, dense: bool, deadline: float, kill=None, 
     done = {"n": 0}
     lock = threading.Lock()
     killed = threading.Event()
-    lat, errors, wrong, reprimed, lost = [], [], 0, 0, set()
+    lat, model_ms, errors, wrong, reprimed, lost = [], [], [], 0, 0, set()
     per_replica: dict[str, int] = {}
 
     def one(i: int, seq: dict):
@@ -150,6 +151,7 @@ def run_phase(url: str, seqs: list, *, dense: bool, deadline: float, kill=None, 
             ok = check_dense(i, j, out) if dense else _digest(out) == step["digest"]
             with lock:
                 lat.append(dt)
+                model_ms.append(float(body["ms"]))
                 wrong += ok is False
                 reprimed += bool(body.get("reprimed"))
                 per_replica[body.get("replica", "?")] = per_replica.get(body.get("replica", "?"), 0) + 1
@@ -171,6 +173,7 @@ def run_phase(url: str, seqs: list, *, dense: bool, deadline: float, kill=None, 
             "throughput_edits_per_s": round(len(lat) / wall, 3) if wall else 0.0,
             "p50_ms": round(float(np.percentile(ms, 50)), 1) if len(ms) else None,
             "p95_ms": round(float(np.percentile(ms, 95)), 1) if len(ms) else None,
+            "model_ms_p50": round(float(np.percentile(model_ms, 50)), 1) if model_ms else None,
             "wrong_outputs": int(wrong), "reprimed_responses": reprimed, "errors": errors[:10],
             "sessions_lost": len(lost), "edits_per_replica": per_replica, "replica_killed": killed.is_set()}
 
@@ -215,6 +218,7 @@ def main(argv=None) -> int:
     info = server.start(art, replicas=a.replicas, port=a.port, cache_budget_mb=a.cache_budget_mb,
                         threads=a.threads, log=lambda m: print(m, file=sys.stderr))
     deadline = time.monotonic() + a.deadline_s
+    load_before = os.getloadavg()[0]
     killed_name = {}
 
     def kill():
@@ -228,7 +232,8 @@ def main(argv=None) -> int:
                            kill=kill if a.kill_at >= 0 else None, kill_at=a.kill_at)
         report = {"artefact": str(art), "sessions": a.sessions, "edits_per_session": a.edits,
                   "replicas": a.replicas, "threads_per_replica": a.threads,
-                  "session_cache_mb": round(info["session_bytes"] / (1 << 20), 1), "sparse": sparse}
+                  "session_mb": round(info["session_bytes"] / (1 << 20), 1),
+                  "sessions_per_replica": info["sessions_per_replica"], "sparse": sparse}
         if not a.no_dense:
             server.wait_healthy(info["url"], 180)
             import ssic
@@ -257,6 +262,8 @@ def main(argv=None) -> int:
         server.stop()
         if tmp is not None:
             tmp.cleanup()
+    report["load_average_1min"] = [round(load_before, 1), round(os.getloadavg()[0], 1)]
+    report["cpus"] = os.cpu_count()
     text = json.dumps(report, indent=2)
     print(text)
     if a.json:

@@ -19,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,6 +67,7 @@ class _Primed:
         if not self.closed:
             self.closed = True
             self.editor.sess.forget(self.session_id)
+            self.editor._pending.pop(self.session_id, None)
 
 
 def editor_deployment(max_sessions: int):
@@ -82,6 +84,9 @@ def editor_deployment(max_sessions: int):
             self.replica = serve.get_replica_context().replica_id.unique_id
             self._pending: dict[str, tuple[list, int]] = {}
             self._specs = model_io(self.sess.manifest)[0]
+            # one edit at a time per replica: Session.last (mode, seconds) belongs to the latest edit
+            # of the whole session object, so concurrent edits would report each other's stats
+            self._edit_lock = threading.Lock()
 
         def _decode(self, parts: dict[str, bytes]) -> dict[str, np.ndarray]:
             # parts were checked by the ingress; decoding here keeps requests and the store small
@@ -114,7 +119,13 @@ def editor_deployment(max_sessions: int):
             parts = await base[0]
             # an edit with an empty mask returns the primed outputs without running anything
             empty = np.zeros(mask_size(self.sess.manifest), dtype=bool)
-            out = await asyncio.to_thread(lambda: self.sess.edit(self._decode(parts), empty, session_id))
+            inputs = await asyncio.to_thread(self._decode, parts)
+
+            def cached():
+                with self._edit_lock:
+                    return self.sess.edit(inputs, empty, session_id)
+
+            out = await asyncio.to_thread(cached)
             return {"outputs": out, "mode": "prime", "ms": 1e3 * (time.perf_counter() - t0),
                     "active_fraction": 1.0, "reprimed": False, "replica": self.replica}
 
@@ -135,15 +146,17 @@ def editor_deployment(max_sessions: int):
 
         def _edit(self, session_id, parts, mask, mode, compare_dense, reprimed) -> dict:
             inputs = self._decode(parts)
-            out = self.sess.edit(inputs, mask=mask, cache_id=session_id, mode=mode)
-            st = self.sess.last
+            with self._edit_lock:
+                out = self.sess.edit(inputs, mask=mask, cache_id=session_id, mode=mode)
+                st = self.sess.last
             res = {"outputs": out, "mode": st.mode, "ms": 1e3 * st.seconds,
                    "active_fraction": float(st.active_fraction), "macs": int(st.macs),
                    "reprimed": reprimed, "replica": self.replica}
             if compare_dense:
-                t0 = time.perf_counter()
-                self.sess.dense(inputs)
-                res["dense_ms"] = 1e3 * (time.perf_counter() - t0)
+                with self._edit_lock:
+                    t0 = time.perf_counter()
+                    self.sess.dense(inputs)
+                    res["dense_ms"] = 1e3 * (time.perf_counter() - t0)
             return res
 
         async def commit(self, session_id: str, base: list, version: int) -> dict:
@@ -153,6 +166,7 @@ def editor_deployment(max_sessions: int):
 
         def close(self, session_id: str) -> None:
             self.sess.forget(session_id)
+            self._pending.pop(session_id, None)
 
         def stats(self) -> dict:
             return {"replica": self.replica, "sessions": len(self.sess.cache_ids),
