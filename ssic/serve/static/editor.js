@@ -155,7 +155,7 @@ async function sendEdit() {
       drawOutput("after", Object.values(res.outputs)[0]);
       const dense = res.dense_ms !== undefined ? ` · dense ${res.dense_ms.toFixed(1)} ms` : "";
       $("timing").textContent = `${res.mode} ${res.ms.toFixed(1)} ms (${(100 * res.active_fraction).toFixed(1)}% of tiles)`
-        + `${dense} · round trip ${rtt.toFixed(0)} ms${res.reprimed ? " · re-primed" : ""}`;
+        + `${dense} · round trip ${rtt.toFixed(0)} ms (both runs)${res.reprimed ? " · re-primed" : ""}`;
       state.edits += 1;
       document.body.dataset.edits = String(state.edits);
       $("commit").disabled = false;
