@@ -31,11 +31,19 @@ pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def server(tiny_artefact):
     from ssic.serve import server as srv
 
-    info = srv.start(str(tiny_artefact("gaugan")), replicas=1, port=8931, cache_budget_mb=200, num_cpus=2)
+    info = srv.start(str(tiny_artefact("gaugan")), replicas=1, port=_free_port(), cache_budget_mb=200, num_cpus=2)
     yield info
     srv.stop()
 

@@ -87,6 +87,14 @@ ray = pytest.importorskip("ray", reason="pip install 'ssic[serve]'")
 requests = pytest.importorskip("requests")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.fixture(scope="module")
 def served(tiny_artefact):
     import ssic
@@ -100,7 +108,7 @@ def served(tiny_artefact):
     assert session_bytes(local.manifest) > local.cache_bytes()  # caches + inputs + outputs
     local.forget("size")
     mb = session_bytes(local.manifest) / (1 << 20)
-    info = server.start(art, replicas=2, port=8932, cache_budget_mb=mb * 1.5, num_cpus=2)
+    info = server.start(art, replicas=2, port=_free_port(), cache_budget_mb=mb * 1.5, num_cpus=2)
     assert info["sessions_per_replica"] == 1
     yield info["url"], local, info
     server.stop()

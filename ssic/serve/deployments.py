@@ -198,6 +198,11 @@ class Ingress:
     async def __call__(self, request: Request) -> Response:
         try:
             return await self._route(request)
+        except ray.exceptions.RayTaskError as exc:  # raised in a replica: its message, not its traceback
+            cause = getattr(exc, "cause", None)
+            if isinstance(cause, SSICError):
+                return _error(400, str(cause).splitlines()[0])
+            return _error(500, f"internal error ({type(cause).__name__})")
         except SSICError as exc:
             return _error(400, str(exc))
         except asyncio.TimeoutError:
