@@ -266,3 +266,22 @@ def test_export_triton_runs_like_the_session(tiny_artefact, tmp_path):
     np.testing.assert_allclose(img, sess.edit({"seg": b}, mask=mask, mode="sparse")["image"], atol=1e-4)
     assert all(np.array_equal(state[k], state2[k]) for k in state)  # edits leave the caches alone
     assert np.abs(img - step(a, none, True, False, zeros)[0]).max() > 1e-3  # the edit changed something
+
+
+def test_cli_one_line_errors_and_export(tiny_artefact, tmp_path, capsys):
+    from ssic.cli import main
+
+    art = str(tiny_artefact("gaugan"))
+    capsys.readouterr()  # the fixture's export warnings
+    for argv, message in ((["serve", str(tmp_path / "missing.ssic")], "artefact not found"),
+                          (["serve", art, "--cache-budget-mb", "1"], "holds no session")):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    pytest.importorskip("tritonclient.grpc", reason="pip install 'tritonclient[grpc]'")
+    main(["export-triton", art, "-o", str(tmp_path / "repo"), "--kind", "cpu"])
+    assert "kind: KIND_CPU" in (tmp_path / "repo" / "ssic_session" / "config.pbtxt").read_text()
+    with pytest.raises(SystemExit) as exc:
+        main(["export-triton", art, "-o", str(tmp_path / "repo")])
+    assert exc.value.code == 2 and "exists" in capsys.readouterr().err

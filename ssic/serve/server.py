@@ -92,8 +92,15 @@ def replica_actors(deployment: str = "Editor") -> list:
 
 
 def serve_forever(artefact: str, **kwargs) -> None:
-    """``ssic serve``: start, then block until Ctrl-C, then shut down."""
+    """``ssic serve``: start, then block until Ctrl-C or SIGTERM, then shut down Serve and Ray."""
+    import signal
+
     start(artefact, **kwargs)
+
+    def stop_on_signal(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop_on_signal)  # a service manager's stop
     try:
         while True:
             time.sleep(3600)
