@@ -443,6 +443,47 @@ def demo(model, size, variant, preset, steps, out_dir, threads, weights) -> None
              weights=weights)
 
 
+@cli.command()
+@click.argument("artefact", type=click.Path())
+@click.option("--replicas", type=int, default=2, show_default=True, help="Editor replicas (each holds its sessions' caches).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind; loopback unless told otherwise.")
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--cache-budget-mb", type=float, default=1024, show_default=True,
+              help="Caches each replica keeps; the least recently used session is evicted past it.")
+@click.option("--threads", type=int, default=1, show_default=True, help="ONNX Runtime threads per replica.")
+@click.option("--address", default=None, help="An existing Ray cluster (default: start a local Ray instance).")
+def serve(artefact, replicas, host, port, cache_budget_mb, threads, address) -> None:
+    """Serve editing sessions over HTTP on Ray Serve, with the editor in the browser at /.
+
+    API in docs/serving.md (needs `pip install 'ssic[serve]'`). Ctrl-C stops it.
+    """
+    from ssic.serve.server import serve_forever
+
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        _log(f"warning: binding to {host}: the API has no authentication beyond unguessable session ids", 0)
+    serve_forever(artefact, replicas=replicas, host=host, port=port, cache_budget_mb=cache_budget_mb,
+                  threads=threads, address=address, log=lambda m: _log(m, 0))
+
+
+@cli.command(name="export-triton")
+@click.argument("artefact", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=True, help="Model repository directory.")
+@click.option("--name", default="ssic_session", show_default=True, help="Model name in the repository.")
+@click.option("--kind", type=click.Choice(["gpu", "cpu"]), default="gpu", show_default=True, help="Triton instance kind.")
+@click.option("--library-dir", default=None,
+              help="Where libssic_ort.so will be on the serving host (default: the model directory written here).")
+def export_triton_cmd(artefact, output, name, kind, library_dir) -> None:
+    """Write a Triton model repository: one ONNX model whose caches are sequence-batcher implicit state.
+
+    The config is validated with Triton's ModelConfig protobuf (tritonclient); serving it is verified
+    only on a GPU host (docs/serving.md).
+    """
+    from ssic.serve.triton import export_triton
+
+    res = export_triton(artefact, output, name=name, instance_kind=kind, library_dir=library_dir)
+    _log(f"wrote {res['model_dir']} ({res['states']} cache states)", 0)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one line on stderr and exit 2 for user errors, never a traceback."""
     try:
