@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_REQ ?= torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: help install plugins demo test test-slow bench bench-sige goldens serve-example serve lint clean
+.PHONY: help install plugins demo test test-slow bench bench-sige goldens serve-example lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -44,6 +44,7 @@ goldens: $(STAMP) ## Regenerate the golden outputs of the tiny presets in tests/
 serve-example: ## Build the C++ serving example -> build/cpp/ssic_serve (fetches ONNX Runtime with npm once)
 	cmake -S examples/cpp -B build/cpp -DCMAKE_BUILD_TYPE=Release && cmake --build build/cpp -j
 
+.PHONY: serve
 serve: $(STAMP) ## The editor in the browser on http://127.0.0.1:8000 (Ray Serve, GauGAN tiny; installs ssic[serve])
 	$(PYTHON) -c "import ray.serve, multipart" 2>/dev/null || $(PIP) install -q --no-build-isolation -e ".[serve]"
 	@mkdir -p out/serve

@@ -39,12 +39,11 @@ def _digest(outputs: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def make_inputs(spec_inputs: list[dict], seed: int):
+def make_inputs(specs: list, seed: int):
     """Seeded original inputs as HTTP parts and as arrays, and a function painting stroke ``j``."""
-    from ssic.serve.codec import IOSpec, labels_to_input
+    from ssic.serve.codec import labels_to_input
 
     rng = np.random.default_rng(seed)
-    specs = [IOSpec(i["name"], tuple(i["shape"]), i["dtype"]) for i in spec_inputs]
     img = next(s for s in specs if s.kind in ("image", "labels"))
     h, w = img.shape[2:]
     if img.kind == "labels":
@@ -82,10 +81,10 @@ def make_inputs(spec_inputs: list[dict], seed: int):
 def plan(art: str, sessions: int, edits: int, commit_at: int):
     """The edit sequences and the expected output digests from a local session (the reference)."""
     import ssic
+    from ssic.serve.codec import model_io
 
     local = ssic.load(art, threads=1)
-    man = local.manifest
-    inputs = man["inputs"] if isinstance(man, dict) else [vars(i) for i in man.inputs]
+    inputs = model_io(local.manifest)[0]
     seqs, t0 = [], time.perf_counter()
     for s in range(sessions):
         base, conv, stroke = make_inputs(inputs, seed=s)
@@ -243,14 +242,10 @@ def main(argv=None) -> int:
             def check_dense(i, j, out):
                 if i != 0:  # the dense reference is costly: session 0's edits are checked
                     return None
-                p = seqs[i]["steps"][j]["parts"]
-                name = next(iter(p))
-                spec = next(s for s in local.manifest["inputs"] if s["name"] == name)
-                from ssic.serve.codec import IOSpec, decode_input
+                from ssic.serve.codec import decode_input, model_io
 
-                arrays = {s["name"]: decode_input(IOSpec(s["name"], tuple(s["shape"]), s["dtype"]), p[s["name"]])
-                          for s in local.manifest["inputs"]}
-                del spec
+                p = seqs[i]["steps"][j]["parts"]
+                arrays = {s.name: decode_input(s, p[s.name]) for s in model_io(local.manifest)[0]}
                 return _digest(local.dense(arrays)) == _digest(out)
 
             report["dense"] = run_phase(info["url"], seqs, dense=True, deadline=deadline, check_dense=check_dense)

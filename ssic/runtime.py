@@ -180,7 +180,6 @@ class Session:
         """Drop the caches of ``cache_id``."""
         with self._lock:
             self._states.pop(cache_id, None)
-            self._last_edit.pop(cache_id, None)  # its inputs too (a server forgets many sessions)
 
     @property
     def cache_ids(self) -> list:

@@ -17,6 +17,7 @@ import pytest
 from ssic.errors import SSICError
 from ssic.serve.codec import (
     IOSpec,
+    cache_specs,
     decode_array,
     decode_input,
     decode_mask,
@@ -236,11 +237,11 @@ def test_export_triton_runs_like_the_session(tiny_artefact, tmp_path):
     res = export_triton(art, tmp_path / "repo")
     cfg = parse_config((tmp_path / "repo" / "ssic_session" / "config.pbtxt").read_text())
     sess = ssic.load(art, threads=1)
-    caches = sess.manifest["caches"]
+    caches = cache_specs(sess.manifest)
     assert res["states"] == len(caches) == len(cfg.sequence_batching.state)
     st = cfg.sequence_batching.state[0]
-    assert st.input_name == caches[0]["name"] and st.output_name == caches[0]["name"] + ".next"
-    assert st.initial_state[0].zero_data and list(st.dims) == caches[0]["shape"]
+    assert st.input_name == caches[0].name and st.output_name == caches[0].name + ".next"
+    assert st.initial_state[0].zero_data and tuple(st.dims) == caches[0].shape
     assert cfg.sequence_batching.control_input[0].control[0].kind == 0  # CONTROL_SEQUENCE_START
     assert cfg.model_operations.op_library_filename[0].endswith(".so")
     with pytest.raises(SSICError, match="exists"):
@@ -251,13 +252,14 @@ def test_export_triton_runs_like_the_session(tiny_artefact, tmp_path):
     names = [o.name for o in model.get_outputs()]
 
     def step(seg, mask, start, prime, state):
-        feed = {"seg": seg, "ssic.mask": mask[None, None].astype(np.float32), "ssic.start": np.array([start]),
+        mask_name = next(i.name for i in model.get_inputs() if i.shape[:2] == [1, 1])
+        feed = {"seg": seg, mask_name: mask[None, None].astype(np.float32), "ssic.start": np.array([start]),
                 "ssic.prime": np.array([prime]), **state}
         out = dict(zip(names, model.run(names, feed), strict=True))
-        return out["image"], {c["name"]: out[c["name"] + ".next"] for c in caches}
+        return out["image"], {c.name: out[c.name + ".next"] for c in caches}
 
     a, b = labels_to_input(_labels(1), 36, "t"), labels_to_input(_stroke(_labels(1), 2), 36, "t")
-    zeros = {c["name"]: np.zeros(c["shape"], np.float32) for c in caches}
+    zeros = {c.name: np.zeros(c.shape, np.float32) for c in caches}
     none = np.zeros((256, 512), bool)
     img, state = step(a, none, True, False, zeros)  # sequence start: prime
     np.testing.assert_allclose(img, sess.prime({"seg": a})["image"], atol=1e-4)

@@ -46,6 +46,15 @@ def _manifest(path: Path) -> dict:
     return json.loads(mf.read_text())
 
 
+def mask_inputs(manifest: dict) -> list[tuple[str, int, int]]:
+    """``(graph input name, H, W)`` of each edit mask the mask graph takes: one (``mask.input``) in
+    artefact format 1, one per mask source (``mask.sources[].mask_input``) in format 2."""
+    mask = manifest["mask"]
+    if "sources" in mask:
+        return [(s["mask_input"], int(s["height"]), int(s["width"])) for s in mask["sources"]]
+    return [(mask["input"], int(mask["height"]), int(mask["width"]))]
+
+
 def _inline(graph: onnx.GraphProto, prefix: str, outer: set[str], rename: dict[str, str],
             inits: list[onnx.TensorProto]) -> list[onnx.NodeProto]:
     """Copy ``graph``'s nodes with every internal name prefixed; names in ``outer`` (values of the
@@ -85,9 +94,8 @@ def build_session_model(art: Path, manifest: dict) -> onnx.ModelProto:
     inputs = manifest["inputs"]
     outputs = [o["name"] for o in manifest["outputs"]]
     caches = manifest["caches"]
-    mask_in = manifest["mask"]["input"]
-    h, w = manifest["mask"]["height"], manifest["mask"]["width"]
-    outer = {i["name"] for i in inputs} | {mask_in, START, PRIME} | {c["name"] for c in caches}
+    masks = mask_inputs(manifest)
+    outer = {i["name"] for i in inputs} | {m[0] for m in masks} | {START, PRIME} | {c["name"] for c in caches}
     inits: list[onnx.TensorProto] = []
 
     # then: prime
@@ -116,8 +124,8 @@ def build_session_model(art: Path, manifest: dict) -> onnx.ModelProto:
                          then_branch=then_g, else_branch=else_g, name="ssic.prime_or_edit"),
     ]
     g_inputs = [helper.make_tensor_value_info(i["name"], _ONNX_TYPES[i["dtype"]], i["shape"]) for i in inputs]
-    g_inputs += [helper.make_tensor_value_info(mask_in, TensorProto.FLOAT, [1, 1, h, w]),
-                 helper.make_tensor_value_info(START, TensorProto.BOOL, [1]),
+    g_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, h, w]) for n, h, w in masks]
+    g_inputs += [helper.make_tensor_value_info(START, TensorProto.BOOL, [1]),
                  helper.make_tensor_value_info(PRIME, TensorProto.BOOL, [1])]
     g_inputs += [helper.make_tensor_value_info(c["name"], TensorProto.FLOAT, c["shape"]) for c in caches]
     g_outputs = [helper.make_tensor_value_info(o["name"], _ONNX_TYPES[o["dtype"]], o["shape"])
@@ -143,8 +151,8 @@ def config_text(name: str, manifest: dict, *, instance_kind: str, library: str |
     """``config.pbtxt`` of the session model: sequence batcher with one implicit state per cache."""
     lines = [f'name: "{name}"', 'backend: "onnxruntime"', "max_batch_size: 0", "input ["]
     ins = [(i["name"], _TRITON_TYPES[i["dtype"]], i["shape"]) for i in manifest["inputs"]]
-    ins += [(manifest["mask"]["input"], "TYPE_FP32", [1, 1, manifest["mask"]["height"], manifest["mask"]["width"]]),
-            (PRIME, "TYPE_BOOL", [1])]
+    ins += [(n, "TYPE_FP32", [1, 1, h, w]) for n, h, w in mask_inputs(manifest)]
+    ins += [(PRIME, "TYPE_BOOL", [1])]
     lines.append(",\n".join(f'  {{ name: "{n}" data_type: {t} dims: {_dims(s)} }}' for n, t, s in ins))
     lines += ["]", "output ["]
     lines.append(",\n".join(f'  {{ name: "{o["name"]}" data_type: {_TRITON_TYPES[o["dtype"]]} dims: {_dims(o["shape"])} }}'
