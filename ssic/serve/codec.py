@@ -60,6 +60,12 @@ def model_io(manifest) -> tuple[list[IOSpec], list[IOSpec]]:
     return specs("inputs"), specs("outputs")
 
 
+def cache_specs(manifest) -> list[IOSpec]:
+    """The caches a primed session holds (name, shape, dtype), from a dict or typed manifest."""
+    return [IOSpec(str(_field(c, "name")), tuple(int(d) for d in _field(c, "shape")), str(_field(c, "dtype")))
+            for c in _field(manifest, "caches")]
+
+
 def mask_size(manifest) -> tuple[int, int]:
     """``(H, W)`` of the edit mask an artefact takes."""
     m = _field(manifest, "mask")

@@ -31,7 +31,15 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 
 from ssic.errors import SSICError
-from ssic.serve.codec import IOSpec, decode_input, decode_mask, encode_array, mask_size, model_io
+from ssic.serve.codec import (
+    IOSpec,
+    cache_specs,
+    decode_input,
+    decode_mask,
+    encode_array,
+    mask_size,
+    model_io,
+)
 
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"index.html": "text/html", "editor.js": "text/javascript", "editor.css": "text/css"}
@@ -389,13 +397,11 @@ class _HTTPError(Exception):
 def session_bytes(manifest) -> int:
     """Bytes one primed session holds on a replica: its float32 caches, the original and the last
     edited inputs (float32 after decoding) and the primed outputs."""
-    def size(items) -> int:
-        return sum(int(np.prod(c["shape"] if isinstance(c, dict) else c.shape)) * 4 for c in items)
+    def size(specs) -> int:
+        return sum(int(np.prod(c.shape)) * 4 for c in specs)
 
-    caches = manifest["caches"] if isinstance(manifest, dict) else manifest.caches
     inputs, outputs = model_io(manifest)
-    return size(caches) + 2 * sum(int(np.prod(s.shape)) * 4 for s in inputs) + \
-        sum(int(np.prod(s.shape)) * 4 for s in outputs)
+    return size(cache_specs(manifest)) + 2 * size(inputs) + size(outputs)
 
 
 def max_body_bytes(inputs: list[IOSpec], mask_hw: tuple[int, int]) -> int:
