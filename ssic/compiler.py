@@ -138,6 +138,7 @@ def compile_model(
     fallback_ratio: float = 0.6,
     gn_stats: str = "incremental",
     disabled_passes: set[str] | None = None,
+    input_shapes: dict[str, list[int]] | None = None,
     force: bool = False,
     log: Callable[[str], None] | None = None,
 ) -> Path:
@@ -168,7 +169,9 @@ def compile_model(
         raise SSICError(f"cannot write {out}: directory {parent} is not writable")
 
     t0 = time.perf_counter()
-    proto = _load_model(model_path)
+    from ssic.passes.normalize import load_model
+
+    proto = load_model(model_path, input_shapes=input_shapes, require_static=True)
     bad = _unsupported_ops(proto)
     if bad:
         raise SSICError(f"unsupported custom-domain ops in the model: {', '.join(bad)}")
