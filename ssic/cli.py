@@ -131,9 +131,12 @@ def _tag_model(path: Path, family: str, preset: str) -> None:
 @click.option("--disable-pass", "disabled", multiple=True, help="Skip an optional pass (repeatable; see -v output).")
 @click.option("--force", is_flag=True, help="Replace the output directory if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
+@click.option("--input-shape", "input_shape_specs", multiple=True, metavar="NAME:1x3x256x256",
+              help="Fix a dynamic input's shape (repeatable; the trtexec/Polygraphy convention).")
 def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res, tile, tile_sizes, halo, halo_sizes,
                 mask_eps,
-                mask_radius, level_dilation, fallback_ratio, gn_stats, disabled, force, as_json) -> None:
+                mask_radius, level_dilation, fallback_ratio, gn_stats, disabled, force, as_json,
+                input_shape_specs=()) -> None:
     """Compile an ONNX MODEL into a sparse-inference artefact (prime, mask and sparse graphs + manifest)."""
     from ssic.compiler import PIPELINES, compile_model
 
@@ -146,7 +149,8 @@ def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res
                         halo=halo, halos=_parse_tiles(halo_sizes, "--halo-size") if halo_sizes else None,
                         mask_eps=mask_eps,
                         mask_radius=mask_radius, level_dilation=level_dilation, fallback_ratio=fallback_ratio,
-                        gn_stats=gn_stats, disabled_passes=set(disabled), force=force, log=lambda m: _log(m, 1))
+                        gn_stats=gn_stats, disabled_passes=set(disabled), force=force, log=lambda m: _log(m, 1),
+                        **({"input_shapes": _parse_input_shapes(input_shape_specs)} if input_shape_specs else {}))
     manifest = json.loads((out / "manifest.json").read_text())
     sparse = sum(1 for layer in manifest["layers"] if layer["sparse"])
     summary = {"artefact": str(out), "target": target, "lowering": lowering, "sparse_convs": sparse,
@@ -162,7 +166,10 @@ def compile_cmd(model, output, target, lowering, pipeline, exact, sparse_min_res
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--input-shape", "input_shape_specs", multiple=True, metavar="NAME:1x3x256x256",
+              help="Fix a dynamic input's shape (repeatable); without it symbolic dims are shown and MACs "
+                   "are counted with a symbolic batch of 1.")
+def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -> None:
     """Describe an ONNX model (inputs, op counts, MACs) or an artefact (each conv: sparse or dense, and why)."""
     p = Path(path)
     if p.is_dir():
@@ -188,14 +195,27 @@ def inspect(path: str, as_json: bool) -> None:
         return
     import onnx
 
-    from ssic.compiler import _load_model
     from ssic.macs import count_macs
+    from ssic.passes.normalize import dynamic_inputs, load_model
 
-    proto = _load_model(p)
+    proto = load_model(p, input_shapes=_parse_input_shapes(input_shape_specs))
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    macs = count_macs(proto)
+    macs_note = ""
+    dynamic = dynamic_inputs(proto)
+    if dynamic:
+        # MACs need static shapes: count with every symbolic leading (batch) dim set to 1
+        batch1 = {name: [1 if (i == 0 and isinstance(d, str)) else d for i, d in enumerate(dims)]
+                  for name, dims in dynamic.items()}
+        if any(isinstance(d, str) for dims in batch1.values() for d in dims):
+            macs = None
+            macs_note = "unknown: dynamic spatial dims; give --input-shape NAME:1x3xHxW"
+        else:
+            macs = count_macs(load_model(p, input_shapes=_parse_input_shapes(input_shape_specs) | batch1))
+            macs_note = "at batch 1 (symbolic batch dims set to 1)"
+    else:
+        macs = count_macs(proto)
 
     def info(vi):
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
@@ -203,8 +223,11 @@ def inspect(path: str, as_json: bool) -> None:
 
     report = {"inputs": [info(v) for v in proto.graph.input if v.name not in {i.name for i in proto.graph.initializer}],
               "outputs": [info(v) for v in proto.graph.output], "op_counts": counts,
-              "macs_total": macs["macs_total"], "macs_by_op_type": macs["macs_by_op_type"],
+              "macs_total": macs["macs_total"] if macs else None,
+              "macs_by_op_type": macs["macs_by_op_type"] if macs else {},
               "metadata": {m.key: m.value for m in proto.metadata_props}}
+    if macs_note:
+        report["macs_note"] = macs_note
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -212,8 +235,24 @@ def inspect(path: str, as_json: bool) -> None:
         for v in report[kind]:
             click.echo(f"{kind[:-1]:<7} {v['name']:<12} {v['dtype']:<8} {v['shape']}")
     click.echo("ops:    " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    click.echo(f"MACs:   {macs['macs_total'] / 1e9:.2f} G total; " + ", ".join(
+    if macs is None:
+        click.echo(f"MACs:   {macs_note}")
+        return
+    click.echo(f"MACs:   {macs['macs_total'] / 1e9:.2f} G total{' ' + macs_note if macs_note else ''}; " + ", ".join(
         f"{k} {v / 1e9:.2f} G" for k, v in sorted(macs["macs_by_op_type"].items(), key=lambda kv: -kv[1]) if v))
+
+
+def _parse_input_shapes(specs: tuple[str, ...]) -> dict[str, list[int]]:
+    """``("x:1x3x256x256", ...)`` -> ``{"x": [1, 3, 256, 256]}`` (SSICError on a bad spec or a repeat)."""
+    from ssic.passes.normalize import parse_input_shape
+
+    shapes: dict[str, list[int]] = {}
+    for spec in specs:
+        name, dims = parse_input_shape(spec)
+        if name in shapes:
+            raise SSICError(f"--input-shape given twice for '{name}'")
+        shapes[name] = dims
+    return shapes
 
 
 def _load_array(spec: str, what: str) -> np.ndarray:

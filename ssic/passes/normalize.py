@@ -336,8 +336,8 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     inputs, outputs and non-constant nodes are unchanged. Raises SSICError when shape inference
     fails.
     """
-    from onnxscript.optimizer import fold_constants as onnxscript_fold
     from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveUnusedNodesPass
+    from onnxscript.optimizer import fold_constants as onnxscript_fold
 
     model = ir.serde.deserialize_model(proto)
     onnxscript_fold(model, onnx_shape_inference=True, input_size_limit=FOLD_SIZE_LIMIT,
