@@ -346,7 +346,33 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
     out = ir.serde.serialize_model(model)
     out.ir_version = proto.ir_version
+    inferred = _infer(out)
+    if _shape_accepted_deprecated(inferred):
+        inferred = _infer(inferred)
+    return inferred
+
+
+def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
     try:
-        return onnx.shape_inference.infer_shapes(out, check_type=False, strict_mode=False, data_prop=True)
+        return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types; the first line says what failed
         raise SSICError(f"shape inference failed: {_first_line(exc)}") from None
+
+
+def _shape_accepted_deprecated(proto: onnx.ModelProto) -> bool:
+    """ONNX infers no shape for deprecated ops: give GroupNormalization-18's output its input's
+    type and shape (a normalisation keeps both), so inference continues past it."""
+    g = proto.graph
+    known = {vi.name: vi for vi in list(g.input) + list(g.value_info) + list(g.output)
+             if vi.type.HasField("tensor_type") and vi.type.tensor_type.HasField("shape")}
+    added = False
+    for node in _accepted_deprecated_nodes(proto):
+        src, dst = known.get(node.input[0]), node.output[0]
+        if src is None or dst in known:
+            continue
+        outputs = [vi for vi in g.output if vi.name == dst]
+        vi = outputs[0] if outputs else g.value_info.add()
+        vi.name = dst
+        vi.type.CopyFrom(src.type)
+        added = True
+    return added
