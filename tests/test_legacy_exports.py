@@ -232,3 +232,63 @@ def test_external_data_missing_file_named_and_present_file_compiles(legacy, tmp_
     assert "\n" not in str(info.value)
     proc = _cli("inspect", d / "gn.onnx")
     assert proc.returncode == 2 and "gn.weights" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_spectral_norm_weight_expression_folded(tmp_path):
+    """A conv weight computed in the graph (spectral norm: ``Div(W, sigma)``, ``sigma = u . (W_flat v)``)
+    is folded to an initializer, so the conv runs sparse and stays exact."""
+    rng = np.random.default_rng(5)
+    nodes, inits = [], []
+    chans = [3, 8, 3]
+    h = "x"
+    for i, (cin, cout) in enumerate(zip(chans, chans[1:], strict=False)):
+        inits += [numpy_helper.from_array(rng.standard_normal((cout, cin, 3, 3)).astype(np.float32), f"w{i}_orig"),
+                  numpy_helper.from_array(rng.standard_normal(cout).astype(np.float32), f"u{i}"),
+                  numpy_helper.from_array(rng.standard_normal(cin * 9).astype(np.float32), f"v{i}"),
+                  numpy_helper.from_array(np.array([cout, -1], np.int64), f"flat{i}")]
+        nodes += [helper.make_node("Reshape", [f"w{i}_orig", f"flat{i}"], [f"wf{i}"]),
+                  helper.make_node("MatMul", [f"wf{i}", f"v{i}"], [f"wv{i}"]),
+                  helper.make_node("Mul", [f"u{i}", f"wv{i}"], [f"uwv{i}"]),
+                  helper.make_node("ReduceSum", [f"uwv{i}"], [f"sigma{i}"], keepdims=0),
+                  helper.make_node("Div", [f"w{i}_orig", f"sigma{i}"], [f"w{i}"]),
+                  helper.make_node("Conv", [h, f"w{i}"], [f"c{i}"], pads=[1, 1, 1, 1])]
+        h = f"c{i}"
+        if i == 0:
+            nodes.append(helper.make_node("LeakyRelu", [h], ["a0"], alpha=0.2))
+            h = "a0"
+    nodes[-1].output[0] = "y"
+    g = helper.make_graph(nodes, "sn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, HW, HW])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, HW, HW])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    onnx.save(m, str(tmp_path / "sn.onnx"))
+    folded = load_model(tmp_path / "sn.onnx")
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "LeakyRelu", "Conv"]
+    art = ssic.compile(tmp_path / "sn.onnx", output_dir=tmp_path / "sn.ssic", exact=True)
+    assert all(layer["sparse"] for layer in ssic.load(art, threads=1).manifest["layers"])
+    _check_edits(art, exact=True)
+
+
+@pytest.mark.parametrize("mode", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+@pytest.mark.parametrize("size,k,stride", [(13, 3, 2), (12, 4, 2), (9, 3, 1), (10, 2, 3)])
+def test_auto_pad_written_as_explicit_pads(tmp_path, mode, size, k, stride):
+    """tf2onnx's ``auto_pad`` becomes explicit ``pads`` with the same result in ONNX Runtime."""
+    rng = np.random.default_rng(size * k)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, k, k)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], auto_pad=mode, strides=[stride, stride]),
+             helper.make_node("MaxPool", ["c"], ["y"], auto_pad=mode, kernel_shape=[2, 2], strides=[2, 2])]
+    g = helper.make_graph(nodes, "ap", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, size, size])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, None, None])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    m.ir_version = 10
+    onnx.save(m, str(tmp_path / "ap.onnx"))
+    folded = load_model(tmp_path / "ap.onnx")
+    for node in folded.graph.node:
+        names = {a.name for a in node.attribute}
+        assert "auto_pad" not in names and "pads" in names, node
+    onnx.save(folded, str(tmp_path / "explicit.onnx"))
+    x = rng.standard_normal((1, 3, size, size)).astype(np.float32)
+    want = ort.InferenceSession(str(tmp_path / "ap.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "explicit.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, atol=1e-5)

@@ -13,7 +13,9 @@
 5. fold what is constant: onnxscript's constant folder (``FoldConstantsPass``, node-level shape
    inference on) evaluates constant sub-graphs (``Shape -> Gather -> ConstantOfShape -> Concat ->
    Pad`` from torch's TorchScript exporter; spectral norm's ``Div(W, sigma)``), then ONNX shape
-   inference with data propagation gives every value its static shape.
+   inference with data propagation gives every value its static shape;
+6. write ``auto_pad`` (SAME_UPPER/SAME_LOWER/VALID, as tf2onnx exports) as explicit ``pads`` where
+   the input's shape is static, so every later pass sees one form.
 
 Why convert instead of emitting for the model's opset: every ssic pass builds opset-18 forms
 (``ReduceSum``/``ReduceMean`` with ``axes`` as an input, ``Pad``/``Resize`` inputs), in five graph
@@ -42,7 +44,7 @@ from onnx import external_data_helper
 from ssic.errors import SSICError
 
 __all__ = ["MIN_OPSET", "load_model", "parse_input_shape", "fix_input_shapes", "dynamic_inputs",
-           "fold_constants"]
+           "fold_constants", "explicit_auto_pads"]
 
 #: ssic's passes emit opset-18 forms; older models are converted to this opset.
 MIN_OPSET = 18
@@ -349,7 +351,66 @@ def fold_constants(proto: onnx.ModelProto) -> onnx.ModelProto:
     inferred = _infer(out)
     if _shape_accepted_deprecated(inferred):
         inferred = _infer(inferred)
+    explicit_auto_pads(inferred)
     return inferred
+
+
+_AUTO_PAD_OPS = ("Conv", "AveragePool", "MaxPool", "LpPool")
+
+
+def explicit_auto_pads(proto: onnx.ModelProto) -> int:
+    """Rewrite ``auto_pad`` SAME_UPPER / SAME_LOWER / VALID (tf2onnx writes them) as explicit
+    ``pads`` on Conv and pooling nodes whose input has a static spatial shape, in place.
+
+    ONNX's definition: output = ceil(in / stride) (SAME) or the unpadded size (VALID); the total
+    pad ``max(0, (out - 1) * stride + (k - 1) * dilation + 1 - in)`` is split with the odd pixel at
+    the end (SAME_UPPER) or the beginning (SAME_LOWER). Returns how many nodes changed; nodes whose
+    shapes are unknown keep ``auto_pad``.
+    """
+    g = proto.graph
+    shapes = {}
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        t = vi.type.tensor_type
+        if vi.type.HasField("tensor_type") and t.HasField("shape"):
+            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+    weights = {t.name: list(t.dims) for t in g.initializer}
+    changed = 0
+    for node in g.node:
+        if node.op_type not in _AUTO_PAD_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        attrs = {a.name: a for a in node.attribute}
+        mode = attrs["auto_pad"].s.decode() if "auto_pad" in attrs else "NOTSET"
+        if mode == "NOTSET":
+            continue
+        x = shapes.get(node.input[0])
+        if x is None or len(x) < 3 or any(d is None for d in x[2:]):
+            continue
+        spatial = x[2:]
+        if "kernel_shape" in attrs:
+            kernel = list(attrs["kernel_shape"].ints)
+        elif node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in weights:
+            kernel = weights[node.input[1]][2:]
+        else:
+            continue
+        n = len(spatial)
+        strides = list(attrs["strides"].ints) if "strides" in attrs else [1] * n
+        dilations = list(attrs["dilations"].ints) if "dilations" in attrs else [1] * n
+        begins, ends = [], []
+        for size, k, s, dil in zip(spatial, kernel, strides, dilations, strict=True):
+            if mode == "VALID":
+                total = 0
+            else:
+                out = -(-size // s)
+                total = max(0, (out - 1) * s + (k - 1) * dil + 1 - size)
+            small, large = total // 2, total - total // 2
+            begins.append(large if mode == "SAME_LOWER" else small)
+            ends.append(small if mode == "SAME_LOWER" else large)
+        keep = [a for a in node.attribute if a.name not in ("auto_pad", "pads")]
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.append(onnx.helper.make_attribute("pads", begins + ends))
+        changed += 1
+    return changed
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
