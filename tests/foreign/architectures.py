@@ -206,7 +206,7 @@ def vae_decoder(d: Path) -> Foreign:
     _export(_seeded(VAEDecoderLike(), 12), (torch.zeros(1, 4, 16, 16),), ["z"], path, 18)
     z = np.random.default_rng(12).standard_normal((1, 4, 16, 16)).astype(np.float32)
     return Foreign("vae_decoder", path, {"z": z}, {"z": _edited(z, (slice(6, 9), slice(7, 10)))},
-                   global_ops=["GroupNorm", "attention"], compile_kwargs={"sparse_min_res": 32})
+                   global_ops=["GroupNorm", "attention"])
 
 
 # -------------------------------------------------------------------------- pix2pix U-Net
