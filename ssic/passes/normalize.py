@@ -413,7 +413,24 @@ def explicit_auto_pads(proto: onnx.ModelProto) -> int:
     return changed
 
 
+#: Above this many bytes of tensor data a proto cannot be serialised for ONNX's C++ shape
+#: inference (protobuf's 2 GB limit); onnx-ir's shape-inference pass then infers without the data.
+_PROTO_LIMIT = 1_800_000_000
+
+
+def _tensor_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in _all_tensors(proto))
+
+
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
+    if _tensor_bytes(proto) > _PROTO_LIMIT:
+        from onnx_ir.passes.common import ShapeInferencePass
+
+        model = ir.serde.deserialize_model(proto)
+        ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
+        out = ir.serde.serialize_model(model)
+        out.ir_version = proto.ir_version
+        return out
     try:
         return onnx.shape_inference.infer_shapes(proto, check_type=False, strict_mode=False, data_prop=True)
     except Exception as exc:  # onnx raises several types; the first line says what failed
