@@ -186,6 +186,29 @@ def test_dynamic_batch_fixed_by_input_shapes(legacy, tmp_path):
             load_model(legacy["gn17_dyn"], input_shapes=bad)
 
 
+def test_dynamic_batch_and_size_fixed_to_another_resolution(tmp_path):
+    """Exported with every dim dynamic (n, h, w) and F.pad's pads computed from the runtime shape;
+    fixed to 96x80 by input_shapes, the pads fold and the artefact is exact at 96x80."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(PadNet().eval(), (torch.randn(1, 3, HW, HW),), str(tmp_path / "dyn.onnx"), input_names=["x"],
+                          output_names=["y"], opset_version=17, dynamo=False,
+                          dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}, "y": {0: "n", 2: "h", 3: "w"}})
+    art = ssic.compile(tmp_path / "dyn.onnx", output_dir=tmp_path / "dyn.ssic", input_shapes={"x": [1, 3, 96, 80]},
+                       exact=True)
+    sess = ssic.load(art, threads=1)
+    assert all(layer["sparse"] for layer in sess.manifest["layers"])
+    x = np.random.default_rng(2).standard_normal((1, 3, 96, 80)).astype(np.float32)
+    sess.prime({"x": x})
+    edited = x.copy()
+    edited[:, :, 40:50, 30:40] += 1.0
+    got = sess.edit({"x": edited}, mode="sparse")["y"]
+    want = sess.dense({"x": edited})["y"]
+    assert got.shape == (1, 3, 96, 80) and sess.last.mode == "sparse"
+    assert np.abs(got - want).max() < 1e-5 * np.ptp(want)
+
+
 def _cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ssic.cli", *map(str, args)], capture_output=True, text=True,
                           timeout=120)
