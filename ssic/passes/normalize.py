@@ -103,9 +103,10 @@ def load_model(path: str | os.PathLike, *, input_shapes: dict[str, list[int]] | 
         dyn = dynamic_inputs(proto)
         if dyn:
             name, dims = next(iter(dyn.items()))
+            # suggest batch 1 and leave the other symbolic dims for the user to fill in
+            hint = "x".join(str(d) if isinstance(d, int) else "1" if i == 0 else f"<{d}>" for i, d in enumerate(dims))
             raise SSICError(f"input '{name}' has dynamic dimensions {dims}; give its shape with "
-                            f"--input-shape {name}:{'x'.join('1' if isinstance(d, str) else str(d) for d in dims)}"
-                            " (or input_shapes=)")
+                            f"--input-shape {name}:{hint} (or input_shapes=)")
     if fold:
         proto = fold_constants(proto)
     return proto
