@@ -14,6 +14,7 @@ Modes: ``default`` (fused lowering, SIGE-pyramid masks), ``exact`` (fused, ``--e
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -46,6 +47,10 @@ class Result:
     seconds: float = 0.0
 
 
+def _manifest(art: Path) -> dict:
+    return json.loads((Path(art) / "manifest.json").read_text())
+
+
 def _nchw(y: np.ndarray) -> np.ndarray:
     return y.transpose(0, 3, 1, 2) if y.ndim == 4 and y.shape[-1] == 3 and y.shape[1] != 3 else y
 
@@ -71,7 +76,8 @@ def _run(art: Path, foreign, result: Result, mode: str) -> tuple[np.ndarray, np.
     sess = ssic.load(art, threads=1)
     sess.prime(foreign.original)
     want = _nchw(sess.dense(foreign.edited)[foreign.output])
-    mask_hw = (sess.manifest["mask"]["height"], sess.manifest["mask"]["width"])
+    mask = _manifest(art)["mask"]
+    mask_hw = (mask["height"], mask["width"])
     try:
         got = sess.edit(foreign.edited, mode="sparse")[foreign.output]
         if mode == "default":
@@ -110,7 +116,7 @@ def measure(foreign, workdir: Path) -> Result:
             continue
         r.compiled[mode] = "ok"
         if mode == "default":
-            manifest = ssic.load(art, threads=1).manifest
+            manifest = _manifest(art)
             layers = manifest["layers"]
             r.macs = int(manifest["macs"]["dense"])
             r.sparse_macs = sum(la["macs_dense"] for la in layers if la["sparse"]) / max(r.macs, 1)
