@@ -43,7 +43,7 @@ from onnx import external_data_helper
 
 from ssic.errors import SSICError
 
-__all__ = ["MIN_OPSET", "load_model", "parse_input_shape", "fix_input_shapes", "dynamic_inputs",
+__all__ = ["MIN_OPSET", "load_model", "check_model_file", "parse_input_shape", "fix_input_shapes", "dynamic_inputs",
            "fold_constants", "explicit_auto_pads"]
 
 #: ssic's passes emit opset-18 forms; older models are converted to this opset.
@@ -151,6 +151,20 @@ def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
 def _first_line(exc: Exception) -> str:
     lines = [ln for ln in str(exc).splitlines() if ln.strip()]
     return lines[0] if lines else type(exc).__name__
+
+
+def check_model_file(path: str | os.PathLike) -> None:
+    """``onnx.checker.check_model`` by path (any size), accepting the deprecated ops ONNX Runtime
+    still runs (opset-18 ``GroupNormalization``, checked as described in the module docstring).
+
+    For the compiler's validation of the graphs it writes. Raises SSICError (one line).
+    """
+    p = Path(path)
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise SSICError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    _check(proto, p)
 
 
 def _check(proto: onnx.ModelProto, path: Path) -> None:
