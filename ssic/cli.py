@@ -211,7 +211,10 @@ def compile_cmd(model, output, pipeline, force, as_json, **options) -> None:
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(path: str, as_json: bool) -> None:
+@click.option("--input-shape", "input_shape_specs", multiple=True, metavar="NAME:1x3x256x256",
+              help="Fix a dynamic input's shape (repeatable); without it symbolic dims are shown and MACs "
+                   "are counted with a symbolic batch of 1.")
+def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -> None:
     """Describe an ONNX model (inputs, op counts, MACs) or an artefact (each conv: sparse or dense, and why)."""
     p = Path(path)
     if p.is_dir():
@@ -246,12 +249,27 @@ def inspect(path: str, as_json: bool) -> None:
 
     from ssic.compiler import load_model
     from ssic.macs import count_macs
+    from ssic.passes.normalize import dynamic_inputs
 
-    proto = load_model(p)
+    shapes = _parse_shapes(input_shape_specs)
+    proto = load_model(p, shapes)
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    macs = count_macs(proto)
+    macs_note = ""
+    dynamic = dynamic_inputs(proto)
+    if dynamic:
+        # MACs need static shapes: count with every symbolic leading (batch) dim set to 1
+        batch1 = {name: [1 if (i == 0 and isinstance(d, str)) else d for i, d in enumerate(dims)]
+                  for name, dims in dynamic.items()}
+        if any(isinstance(d, str) for dims in batch1.values() for d in dims):
+            macs = None
+            macs_note = "unknown: dynamic spatial dims; give --input-shape NAME:1x3xHxW"
+        else:
+            macs = count_macs(load_model(p, shapes | batch1))
+            macs_note = "at batch 1 (symbolic batch dims set to 1)"
+    else:
+        macs = count_macs(proto)
 
     def info(vi):
         dims = [d.dim_value if d.HasField("dim_value") else d.dim_param for d in vi.type.tensor_type.shape.dim]
@@ -259,8 +277,11 @@ def inspect(path: str, as_json: bool) -> None:
 
     report = {"inputs": [info(v) for v in proto.graph.input if v.name not in {i.name for i in proto.graph.initializer}],
               "outputs": [info(v) for v in proto.graph.output], "op_counts": counts,
-              "macs_total": macs["macs_total"], "macs_by_op_type": macs["macs_by_op_type"],
+              "macs_total": macs["macs_total"] if macs else None,
+              "macs_by_op_type": macs["macs_by_op_type"] if macs else {},
               "metadata": {m.key: m.value for m in proto.metadata_props}}
+    if macs_note:
+        report["macs_note"] = macs_note
     if as_json:
         click.echo(json.dumps(report))
         return
@@ -268,7 +289,10 @@ def inspect(path: str, as_json: bool) -> None:
         for v in report[kind]:
             click.echo(f"{kind[:-1]:<7} {v['name']:<12} {v['dtype']:<8} {v['shape']}")
     click.echo("ops:    " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
-    click.echo(f"MACs:   {macs['macs_total'] / 1e9:.2f} G total; " + ", ".join(
+    if macs is None:
+        click.echo(f"MACs:   {macs_note}")
+        return
+    click.echo(f"MACs:   {macs['macs_total'] / 1e9:.2f} G total{' ' + macs_note if macs_note else ''}; " + ", ".join(
         f"{k} {v / 1e9:.2f} G" for k, v in sorted(macs["macs_by_op_type"].items(), key=lambda kv: -kv[1]) if v))
 
 

@@ -183,7 +183,10 @@ MIN_SPARSE_SIDE = 16
 #: ResBlocks) would make every edit cover the image; beyond this the error stays bounded by the
 #: pyramid and is reported by ``ssic bench`` (see docs/architecture.md, "Tile size and halo").
 MAX_GRAPH_HALO = 4
-_GLOBAL_OPS = {"Softmax", "GlobalAveragePool", "GlobalMaxPool", "GlobalLpPool", "Attention", "MultiHeadAttention"}
+#: Ops that mix every position of a level into every other (attention over pixels): SIGE keeps such
+#: levels dense. Global pooling (channel attention, squeeze-excitation) only yields a per-channel
+#: vector, which the sparse graph computes from the materialised tensor, so it does not count.
+_GLOBAL_OPS = {"Softmax", "Attention", "MultiHeadAttention"}
 
 
 def _spatial_producers(value: ir.Value, limit: int = 64) -> set[tuple[int, int]]:
@@ -212,36 +215,30 @@ def global_resolutions(model: ir.Model) -> set[tuple[int, int]]:
     out: set[tuple[int, int]] = set()
     for node in model.graph:
         op = node.op_type
-        spatial_reduce = op in ("ReduceMean", "ReduceSum", "ReduceMax") and spatial_hw(node.inputs[0]) is not None and \
-            _reduces_spatial(node)
-        if op in _GLOBAL_OPS or spatial_reduce:
+        if op in _GLOBAL_OPS:
             for v in node.inputs:
                 if v is not None:
                     out |= _spatial_producers(v)
     return out
 
 
-def _reduces_spatial(node: ir.Node) -> bool:
-    axes = node.attributes.get_ints("axes", None)
-    if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
-        t = ir.convenience.get_const_tensor(node.inputs[1])
-        axes = [int(a) for a in t.numpy().ravel()] if t is not None else None
-    if axes is None:
-        return True
-    return any(a in (2, 3, -1, -2) for a in axes)
-
-
 def default_min_res(model: ir.Model, conv_res: set[tuple[int, int]]) -> int:
     """The sparse resolutions a graph supports: from the largest conv resolution down, every level
-    with ``min(H, W) >= MIN_SPARSE_SIDE`` until the first one with a global operation (attention in a
-    UNet's middle levels stays dense, as in SIGE). Returns the smallest ``min(H, W)`` to make sparse."""
+    with ``min(H, W) >= MIN_SPARSE_SIDE`` until the first one with attention over pixels (a UNet's
+    attention levels stay dense, as in SIGE). When attention sits at the largest level already, every
+    level of at least ``MIN_SPARSE_SIDE`` is made sparse (attention there runs dense on the
+    materialised tensor). Returns the smallest ``min(H, W)`` to make sparse."""
     globals_ = global_resolutions(model)
+    levels = sorted(conv_res, key=lambda r: -min(r))
     chosen = None
-    for hw in sorted(conv_res, key=lambda r: -min(r)):
+    for hw in levels:
         if min(hw) < MIN_SPARSE_SIDE or hw in globals_:
             break
         chosen = min(hw)
-    return chosen if chosen is not None else max(conv_res, key=min)[0] + 1
+    if chosen is None:
+        big = [min(hw) for hw in levels if min(hw) >= MIN_SPARSE_SIDE]
+        chosen = min(big) if big else min(levels[0])
+    return chosen
 
 
 def chain_halos(model: ir.Model) -> dict[tuple[int, int], int]:
