@@ -27,8 +27,6 @@ NAMES = list(ARCHITECTURES)
 KNOWN_GAPS = {
     ("psnr_in", "cyclegan"): "InstanceNorm with the default halo: 30 dB inside the edit (issue 12 section 2)",
     ("sparse_macs", "pix2pix"): "ConvTranspose runs dense (62% of the MACs) (issue 12 section 2)",
-    ("*", "nafnet"): "no sparse level: the plan stops at the first global op, and NAFNet's channel attention "
-                     "(global average pool) is in its first block at full resolution",
 }
 
 
