@@ -57,21 +57,40 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan"]))
+@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan", "sd-unet", "sd-vae-decoder", "sd-vae-encoder"]))
 @click.option("--preset", type=click.Choice(["full", "tiny"]), default="tiny", show_default=True,
               help="full = the paper's size; tiny = same topology, few channels (tests).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--weights", type=click.Path(), default=None,
-              help="Official checkpoint (DDIM church state dict / SPADE generator) instead of random weights.")
+              help="Official checkpoint (DDIM church state dict / SPADE generator; Stable Diffusion: a diffusers "
+                   "folder or a CompVis .ckpt) instead of random weights.")
+@click.option("--size", default=None, metavar="N|HxW",
+              help="Stable Diffusion: image size in pixels, latent = 1/8 (default: full 512, tiny 256 UNet / 128 VAE).")
+@click.option("--batch", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="sd-unet: 2 = classifier-free guidance (unconditional + conditional in one run).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="ONNX file to write.")
-def export(model: str, preset: str, seed: int, weights: str | None, output: str) -> None:
-    """Export one of the SIGE paper's models to ONNX (batch 1, static shapes).
+def export(model: str, preset: str, seed: int, weights: str | None, size: str | None, batch: str,
+           output: str) -> None:
+    """Export one of the SIGE paper's models or a Stable Diffusion part to ONNX (static shapes).
 
     Inputs: DDIM/PD `x` [1,3,256,256] and `t` [1]; GauGAN `seg` [1,36,256,512] (one-hot labels +
-    instance edges). The file records the model family so `ssic compile` picks its mask defaults.
+    instance edges); sd-unet `sample` [B,4,h,w], `timestep` [1], `encoder_hidden_states` [B,77,768];
+    sd-vae-decoder `latent` [1,4,h,w]; sd-vae-encoder `image` [1,3,8h,8w]. The file records the model
+    family so `ssic compile` picks its mask defaults. Models over 2 GB (the full UNet) are written with
+    their weights in FILE.data beside FILE.
     """
-    from ssic.models import export_model
+    from ssic.models import SD_MODEL_NAMES, export_model
 
+    if model in SD_MODEL_NAMES:
+        from ssic.models import export_sd
+        from ssic.models.sd import parse_size
+
+        path = export_sd(model, preset, output, seed=seed, weights=weights, size=parse_size(size),
+                         batch=int(batch), log=lambda m: _log(m, 1))
+        _log(f"wrote {path}", 0)
+        return
+    if size is not None or batch != "1":
+        raise SSICError(f"--size and --batch apply to the Stable Diffusion models, not {model}")
     path = export_model(model, preset, output, seed=seed, weights=weights)
     _tag_model(Path(path), model, preset)
     _log(f"wrote {path}", 0)

@@ -8,6 +8,9 @@ Public API::
     load_ddim_checkpoint(path, preset="full") / load_pd_checkpoint(...) / load_spade_checkpoint(...)
     make_gaugan_input(label_map, instance_map=None) -> np.ndarray [1, 36, H, W]
     MODEL_NAMES = ("ddim", "pd", "gaugan"); PRESETS = ("full", "tiny")
+    SD_MODEL_NAMES = ("sd-unet", "sd-vae-decoder", "sd-vae-encoder")   # Stable Diffusion 1.x parts
+    export_sd(name, preset, output_path, seed=0, weights=None, size=None, batch=1) -> Path
+    load_sd_weights(kind, path, preset="full")   # diffusers folder or CompVis .ckpt -> diffusers model
 
 Model inputs and outputs (ONNX names; batch 1, static shapes, float32):
 
@@ -35,10 +38,17 @@ __all__ = [
     "load_pd_checkpoint",
     "load_spade_checkpoint",
     "make_gaugan_input",
+    "SD_MODEL_NAMES",
+    "ALL_MODEL_NAMES",
+    "export_sd",
+    "load_sd_weights",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("ddim", "pd", "gaugan")
 PRESETS: tuple[str, ...] = ("full", "tiny")
+#: Stable Diffusion parts (diffusers models; not in MODEL_NAMES, whose members share one interface)
+SD_MODEL_NAMES: tuple[str, ...] = ("sd-unet", "sd-vae-decoder", "sd-vae-encoder")
+ALL_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + SD_MODEL_NAMES
 
 _LAZY = {
     "build_model": "ssic.models.presets",
@@ -50,6 +60,8 @@ _LAZY = {
     "load_pd_checkpoint": "ssic.models.checkpoints",
     "load_spade_checkpoint": "ssic.models.checkpoints",
     "make_gaugan_input": "ssic.models.gaugan",
+    "export_sd": "ssic.models.export",
+    "load_sd_weights": "ssic.models.sd_checkpoints",
 }
 
 
