@@ -207,10 +207,9 @@ def inspect(path: str, as_json: bool) -> None:
         return
     import onnx
 
-    from ssic.compiler import _load_model
-    from ssic.macs import count_macs
+    from ssic.macs import count_macs, load_model_for_analysis
 
-    proto = _load_model(p)
+    proto = load_model_for_analysis(p)  # weights stay on disk: works for models over 2 GB
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -223,6 +222,7 @@ def inspect(path: str, as_json: bool) -> None:
     report = {"inputs": [info(v) for v in proto.graph.input if v.name not in {i.name for i in proto.graph.initializer}],
               "outputs": [info(v) for v in proto.graph.output], "op_counts": counts,
               "macs_total": macs["macs_total"], "macs_by_op_type": macs["macs_by_op_type"],
+              "macs_by_kind": macs["macs_by_kind"],
               "metadata": {m.key: m.value for m in proto.metadata_props}}
     if as_json:
         click.echo(json.dumps(report))
@@ -233,6 +233,9 @@ def inspect(path: str, as_json: bool) -> None:
     click.echo("ops:    " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])))
     click.echo(f"MACs:   {macs['macs_total'] / 1e9:.2f} G total; " + ", ".join(
         f"{k} {v / 1e9:.2f} G" for k, v in sorted(macs["macs_by_op_type"].items(), key=lambda kv: -kv[1]) if v))
+    if macs["macs_by_kind"].get("attention"):
+        click.echo("        by kind: " + ", ".join(f"{k} {v / 1e9:.2f} G ({100 * v / macs['macs_total']:.0f}%)"
+                                             for k, v in sorted(macs["macs_by_kind"].items(), key=lambda kv: -kv[1])))
 
 
 def _load_array(spec: str, what: str) -> np.ndarray:

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ssic.errors import SSICError
-from ssic.models import MODEL_NAMES, PRESETS, SD_MODEL_NAMES  # one definition, in the light package module
+from ssic.models import MODEL_NAMES, PRESETS, SD_MODEL_NAMES  # defined in the light package module
 
 __all__ = [
     "MODEL_NAMES",
