@@ -151,10 +151,13 @@ def test_diffusers_layout_round_trip(work):
     assert (folder / "config.json").is_file() and (folder / "diffusion_pytorch_model.safetensors").is_file()
     x = sd_example_inputs("sd-unet", "tiny", seed=2, size=(64, 64))
     want = _torch(wrap("sd-unet", src), x)
+    src_sd = src.state_dict()
     for where in (folder, work / "pipe", folder / "diffusion_pytorch_model.safetensors"):
-        got = _torch(build_sd_model("sd-unet", "tiny", weights=str(where)), x)
-        # same weights; diffusers' loaded model differs from the built one in the last float bit (~3e-7)
-        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        loaded = build_sd_model("sd-unet", "tiny", weights=str(where))
+        assert all(torch.equal(v, src_sd[k]) for k, v in loaded.unet.state_dict().items())
+        # the same weights; the output may differ in the last float bits (memory alignment of the
+        # loaded tensors picks other conv kernels)
+        np.testing.assert_allclose(_torch(loaded, x), want, rtol=0, atol=1e-5)
     assert not np.array_equal(_torch(build_sd_model("sd-unet", "tiny", 0), x), want)
 
 
@@ -166,13 +169,16 @@ def test_compvis_layout_round_trip(work, suffix):
     assert "model.diffusion_model.input_blocks.0.0.weight" in keys
     assert "first_stage_model.decoder.mid.attn_1.q.weight" in keys
     assert not any("down_blocks" in k or "resnets" in k for k in keys)
-    xu = sd_example_inputs("sd-unet", "tiny", seed=1, size=(64, 64))
-    np.testing.assert_array_equal(_torch(build_sd_model("sd-unet", "tiny", weights=str(path)), xu),
-                                  _torch(wrap("sd-unet", unet), xu))
+    loaded = {"sd-unet": build_sd_model("sd-unet", "tiny", weights=str(path))}
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in loaded["sd-unet"].unet.state_dict().items())
     for name in ("sd-vae-decoder", "sd-vae-encoder"):
-        xv = sd_example_inputs(name, "tiny", seed=1, size=(64, 64))
-        np.testing.assert_array_equal(_torch(build_sd_model(name, "tiny", weights=str(path)), xv),
-                                      _torch(wrap(name, vae), xv))
+        loaded[name] = build_sd_model(name, "tiny", weights=str(path))
+        src = wrap(name, vae).state_dict()
+        assert all(torch.equal(v, src[k]) for k, v in loaded[name].state_dict().items())
+    for name, model in loaded.items():
+        x = sd_example_inputs(name, "tiny", seed=1, size=(64, 64))
+        np.testing.assert_allclose(_torch(model, x), _torch(wrap(name, unet if name == "sd-unet" else vae), x),
+                                   rtol=0, atol=1e-5)
 
 
 def test_compvis_keys_of_sd15():
@@ -236,7 +242,7 @@ def test_external_data_export_and_inspect(work, monkeypatch, capsys):
     module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
     x = {"x": np.random.default_rng(0).standard_normal((1, 4, 16, 16)).astype(np.float32)}
     path = export_mod.export_module_to_file(module, x, ["y"], work / "ext.onnx", metadata={"ssic.model": "test"})
-    assert (work / "ext.onnx.data").stat().st_size >= 4 * (8 * 4 * 9 + 4 * 8)
+    assert (work / "ext.onnx.data").stat().st_size >= 4 * 8 * 4 * 9  # ir.save keeps tensors < 256 B inline
     assert not any(p.name.startswith(".ext.onnx") for p in work.iterdir())  # no temporary left behind
     _close(_ort(path, x), _torch(module, x))
     proto = load_model_for_analysis(path)

@@ -238,10 +238,15 @@ def _is_vae_attn_proj(diffusers_key: str) -> bool:
 
 # ---------------------------------------------------------------------------------------- loading
 
-def _build(kind: str, preset: str) -> nn.Module:
-    from ssic.models.sd import build_unet, build_vae
+def _build_empty(kind: str, preset: str) -> nn.Module:
+    """The preset's architecture on the meta device: no memory, no initialisation (the full UNet
+    would take seconds and 3.4 GB just to be overwritten); ``load_state_dict(assign=True)`` fills it."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    return build_unet(preset, 0) if kind == "unet" else build_vae(preset, 0)
+    from ssic.models.sd import unet_config, vae_config
+
+    with torch.device("meta"):
+        return UNet2DConditionModel(**unet_config(preset)) if kind == "unet" else AutoencoderKL(**vae_config(preset))
 
 
 def read_compvis_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -283,7 +288,7 @@ def _select(sd: Mapping[str, torch.Tensor], kind: str, path) -> dict[str, torch.
 def load_compvis(kind: str, path: str | Path, preset: str = "full") -> nn.Module:
     """Load the UNet (``kind="unet"``) or VAE (``"vae"``) of a CompVis checkpoint into the diffusers
     model of ``preset``. Returns it in eval mode."""
-    model = _build(kind, preset)
+    model = _build_empty(kind, preset)
     config = model.config
     convert = compvis_to_diffusers_unet if kind == "unet" else compvis_to_diffusers_vae
     expected = model.state_dict()
@@ -297,14 +302,14 @@ def load_compvis(kind: str, path: str | Path, preset: str = "full") -> nn.Module
         if tuple(v.shape) != tuple(expected[dk].shape):
             raise SSICError(f"{path}: key {k!r} has shape {tuple(v.shape)}, expected {tuple(expected[dk].shape)} "
                             "(wrong preset?)")
-        out[dk] = v.to(expected[dk].dtype)
+        out[dk] = v.to(torch.float32).contiguous()
     for k in expected:
         if k not in out:
             back = diffusers_to_compvis_unet(k, config) if kind == "unet" else diffusers_to_compvis_vae(k, config)
             prefix = UNET_PREFIX if kind == "unet" else VAE_PREFIX
             raise SSICError(f"{path}: missing key {prefix + back!r} (the file does not have the expected layout)")
-    model.load_state_dict(out, strict=True)
-    return model.eval()
+    model.load_state_dict(out, strict=True, assign=True)
+    return model.float().eval()
 
 
 def _diffusers_dir(kind: str, path: Path) -> Path | None:
@@ -332,7 +337,8 @@ def load_diffusers(kind: str, folder: str | Path) -> nn.Module:
 
     cls = UNet2DConditionModel if kind == "unet" else AutoencoderKL
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=True)
+        # low_cpu_mem_usage=True needs accelerate
+        model = cls.from_pretrained(str(folder), local_files_only=True, low_cpu_mem_usage=False)
     except Exception as e:  # noqa: BLE001 - a broken folder is a user error
         raise SSICError(f"cannot load a diffusers {cls.__name__} from {folder}: {type(e).__name__}: {e}"
                         .splitlines()[0]) from e
