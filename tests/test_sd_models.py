@@ -251,9 +251,24 @@ def test_external_data_export_and_inspect(work, monkeypatch, capsys):
     cli_main(["inspect", "--json", str(path)])
     report = json.loads(capsys.readouterr().out)
     assert report["macs_total"] == 16 * 16 * (8 * 4 * 9 + 4 * 8) and report["metadata"]["ssic.model"] == "test"
+    # an artefact's graphs share one linked copy of the weights, readable from another directory
+    from ssic.external_data import external_locations, load_lazily, share_external_data
+
+    lazy = load_lazily(path)
+    assert [loc.startswith("/") for loc in external_locations(lazy)] == [True]
+    target = work / "artefact"
+    target.mkdir()
+    for name in ("a.onnx", "b.onnx"):
+        onnx.save(share_external_data(onnx.load(str(path), load_external_data=False), work, target),
+                  str(target / name))
+    assert sorted(p.name for p in target.iterdir()) == ["a.onnx", "b.onnx", "weights.data"]
+    for name in ("a.onnx", "b.onnx"):
+        np.testing.assert_array_equal(_ort(target / name, x), _ort(path, x))
     (work / "ext.onnx.data").unlink()
     with pytest.raises(SSICError, match="not a valid ONNX model"):
         load_model_for_analysis(path)
+    with pytest.raises(SSICError, match="is missing"):
+        share_external_data(onnx.load(str(path), load_external_data=False), work, target)
 
 
 # ---------------------------------------------------------------- compile, prime, edit
