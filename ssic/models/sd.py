@@ -25,10 +25,12 @@ Presets (``SD_PRESETS``):
   1280, 2 layers per block, cross-attention in the first three levels and the middle, 8 heads,
   context ``77 x 768``), default latent 64x64 (512x512 images); VAE 83.7M parameters
   (128/256/512/512, 2 layers per block, mid attention).
-- ``tiny``: the same topology (cross-attention down/up blocks, a plain last level, a cross-attention
-  middle block; the VAE's four levels, mid attention) with few channels: UNet 32/64/64 channels,
-  1 layer per block, context ``77 x 32``, default latent 32x32; VAE 16/16/32/32, 1 layer per block,
-  default latent 16x16 (128x128 images).
+- ``tiny``: the same block kinds in the same order with few channels and levels (a cross-attention
+  level, then a plain last level; a cross-attention middle block; mirrored up blocks), UNet 32/64
+  channels, 1 layer per block, 8 heads, context ``77 x 32``, default latent 32x32 (0.79M parameters);
+  VAE 16/16/32/32 (four levels, the 8x scale of the real one; 0.26M), 1 layer per block, mid attention,
+  default latent 16x16 (128x128 images). Two UNet levels keep the test exports short (the dynamo
+  exporter's time grows with the number of transformer blocks).
 
 Weights are seeded and deterministic (``ssic.models.presets.initialize``: variance-preserving normal
 weights, GroupNorm affine near 1/0; the global torch RNG is left as it was). Loading real weights:
