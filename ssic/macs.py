@@ -30,7 +30,7 @@ import onnx
 
 from ssic.errors import SSICError
 
-__all__ = ["count_macs", "count_torch_macs", "MAC_OP_TYPES"]
+__all__ = ["count_macs", "count_torch_macs", "load_model_for_analysis", "MAC_OP_TYPES"]
 
 MAC_OP_TYPES = ("Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "Attention",
                 "MultiHeadAttention", "MatMulInteger", "QLinearMatMul", "QLinearConv")
@@ -131,9 +131,50 @@ def _node_macs(node: onnx.NodeProto, shapes) -> int:
     return 0
 
 
+def load_model_for_analysis(path) -> onnx.ModelProto:
+    """Read an ONNX file for analysis (op counts, MACs, shapes) without its weights' bytes.
+
+    Initializers stored as external data stay references (``load_external_data=False``), so a model
+    of any size (SD's UNet: 3.4 GB in ``<file>.data``) loads in megabytes; the file is checked with
+    ``onnx.checker`` *by path*, which works past protobuf's 2 GB limit and verifies that the external
+    data files exist. Raises SSICError for a missing, unreadable or invalid file.
+    """
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.exists():
+        raise SSICError(f"model file not found: {p}")
+    if p.is_dir():
+        raise SSICError(f"expected an ONNX file, got a directory: {p}")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
+        raise SSICError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node:
+        raise SSICError(f"{p} is not a readable ONNX model (no graph nodes)")
+    try:
+        onnx.checker.check_model(str(p))
+    except Exception as exc:  # noqa: BLE001
+        raise SSICError(f"{p} is not a valid ONNX model: {str(exc).splitlines()[0]}") from None
+    return proto
+
+
+def _mac_kind(node: onnx.NodeProto, constants: set[str]) -> str:
+    """``conv`` (Conv/ConvTranspose), ``linear`` (a MatMul/Gemm/Einsum with a constant operand: a
+    projection, a feed-forward layer, a time embedding) or ``attention`` (one between two activations:
+    Q.K^T and P.V of an attention, the ``Attention`` ops)."""
+    if node.op_type in ("Conv", "ConvTranspose", "QLinearConv"):
+        return "conv"
+    if node.op_type in ("Attention", "MultiHeadAttention"):
+        return "attention"
+    return "linear" if any(i in constants for i in node.input if i) else "attention"
+
+
 def count_macs(model: onnx.ModelProto) -> dict:
     """Count MACs of every node. Returns ``{"macs_total": int, "macs_by_op_type": {op: int},
-    "macs_by_node": {node name: int}}`` (nodes and op types with 0 MACs are left out)."""
+    "macs_by_node": {node name: int}, "macs_by_kind": {"conv"|"linear"|"attention": int}}`` (nodes
+    and op types with 0 MACs are left out; see :func:`_mac_kind` for the kinds). Weights need not be
+    loaded: initializers held as external data count by their declared shapes."""
     if not isinstance(model, onnx.ModelProto):
         raise SSICError(f"count_macs expects an onnx.ModelProto, got {type(model).__name__}")
     try:
@@ -143,6 +184,9 @@ def count_macs(model: onnx.ModelProto) -> dict:
     shapes = _shape_table(inferred)
     by_type: dict[str, int] = defaultdict(int)
     by_node: dict[str, int] = {}
+    by_kind: dict[str, int] = defaultdict(int)
+    constants = {init.name for init in inferred.graph.initializer}
+    constants |= {n.output[0] for n in inferred.graph.node if n.op_type == "Constant" and n.output}
     total = 0
     for i, node in enumerate(inferred.graph.node):
         macs = _node_macs(node, shapes)
@@ -150,8 +194,10 @@ def count_macs(model: onnx.ModelProto) -> dict:
             name = node.name or f"{node.op_type}_{i}"
             by_node[name] = by_node.get(name, 0) + macs
             by_type[node.op_type] += macs
+            by_kind[_mac_kind(node, constants)] += macs
             total += macs
-    return {"macs_total": int(total), "macs_by_op_type": dict(by_type), "macs_by_node": by_node}
+    return {"macs_total": int(total), "macs_by_op_type": dict(by_type), "macs_by_node": by_node,
+            "macs_by_kind": dict(by_kind)}
 
 
 def count_torch_macs(module, *inputs) -> int:

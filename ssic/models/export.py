@@ -43,6 +43,8 @@ import onnx
 from ssic.errors import SSICError
 
 __all__ = ["export_model", "export_module", "export_trained", "OPSET", "IR_VERSION"]
+__all__ = ["export_model", "export_module", "export_module_to_file", "export_sd", "OPSET", "IR_VERSION",
+           "EXTERNAL_DATA_THRESHOLD"]
 
 OPSET = 21
 IR_VERSION = 10
@@ -161,13 +163,16 @@ def export_model(name: str, preset: str, output_path: str | Path, seed: int = 0,
     Inputs/outputs: ddim ``x[1,3,256,256]``, ``t[1]`` -> ``eps[1,3,256,256]``; pd ``x``, ``t`` ->
     ``out[1,6,256,256]``; gaugan ``seg[1,36,256,512]`` -> ``image[1,3,256,512]``. The trained models
     ``realesrgan``/``oidn`` take their variant as ``preset`` (``tiny``/``full`` = the default variant)
-    and need ``size`` (see :func:`export_trained`).
+    and need ``size`` (see :func:`export_trained`). Stable Diffusion parts (``sd-unet``,
+    ``sd-vae-decoder``, ``sd-vae-encoder``) go to :func:`export_sd` at their default size and batch 1.
     """
     require_export_dependencies()
-    from ssic.models import TRAINED_MODEL_NAMES
+    from ssic.models import SD_MODEL_NAMES, TRAINED_MODEL_NAMES
 
     if name in TRAINED_MODEL_NAMES:
         return export_trained(name, None if preset in ("tiny", "full") else preset, size, output_path, weights)
+    if name in SD_MODEL_NAMES:
+        return export_sd(name, preset, output_path, seed=seed, weights=weights)
     from ssic.models.presets import build_model, example_inputs, model_config, output_names
 
     model_config(name, preset)  # validates name/preset (SSICError)
@@ -237,3 +242,108 @@ def export_trained(name: str, variant: str | None, size, output_path: str | Path
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value
     return save_atomic(model, path)
+#: Models whose weights exceed this are written with external data (protobuf caps one file at 2 GB).
+EXTERNAL_DATA_THRESHOLD = 1_800_000_000
+
+
+def _set_metadata(model: onnx.ModelProto, metadata: dict[str, str]) -> None:
+    meta = {p.key: p.value for p in model.metadata_props}
+    meta.update({k: str(v) for k, v in metadata.items()})
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def export_module_to_file(module, inputs: dict[str, np.ndarray], output_names: list[str], output_path: str | Path,
+                          metadata: dict[str, str] | None = None, log=None) -> Path:
+    """Export ``module(*inputs.values())`` to ``output_path`` (opset 21, IR 10, nodes renamed as in
+    :func:`export_module`, ``metadata`` added to the model's metadata_props) and check it.
+
+    Models whose weights exceed :data:`EXTERNAL_DATA_THRESHOLD` (~1.8 GB; SD's UNet in float32 is
+    3.4 GB) are written with external data: all initializers in ``<name>.data`` next to the ``.onnx``
+    (relative location, so the two files move together) and checked with ``onnx.checker`` *by path*
+    (a proto over 2 GB cannot be serialized). Smaller ones hold their weights inside the file. The
+    files are written in a temporary directory and moved into place, so a failed export leaves nothing
+    behind. Raises SSICError when the export or the check fails. Returns the ``.onnx`` path.
+    """
+    import shutil
+
+    import onnx_ir as ir
+    import torch
+
+    log = log or (lambda msg: None)
+    path = Path(output_path)
+    _check_writable(path)
+    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
+    module = module.eval()
+    sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
+            warnings.simplefilter("ignore")
+            with torch.no_grad():
+                program = torch.onnx.export(
+                    module, args, input_names=list(inputs), output_names=list(output_names),
+                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False, optimize=True,
+                )
+    except Exception as e:  # noqa: BLE001
+        raise SSICError(f"ONNX export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    nbytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
+                 if v.const_value is not None)
+    log(f"exported graph: {len(program.model.graph)} nodes, {nbytes / 1e9:.2f} GB of weights")
+    if nbytes <= EXTERNAL_DATA_THRESHOLD:
+        model = program.model_proto
+        model.ir_version = IR_VERSION
+        model.producer_name = "ssic"
+        _rename_nodes(model)
+        _set_metadata(model, metadata or {})
+        onnx.checker.check_model(model)
+        return save_atomic(model, path)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    data_name = path.name + ".data"
+    try:
+        program.model.ir_version = IR_VERSION
+        ir.save(program.model, tmp / path.name, external_data=data_name)
+        del program
+        proto = onnx.load(str(tmp / path.name), load_external_data=False)
+        proto.producer_name = "ssic"
+        _rename_nodes(proto)
+        _set_metadata(proto, metadata or {})
+        onnx.save(proto, str(tmp / path.name))  # initializers keep their references to data_name
+        try:
+            onnx.checker.check_model(str(tmp / path.name))
+        except Exception as e:  # noqa: BLE001
+            raise SSICError(f"exported model fails onnx.checker: {str(e).splitlines()[0]}") from e
+        os.replace(tmp / data_name, path.parent / data_name)
+        os.replace(tmp / path.name, path)
+    except OSError as e:
+        raise SSICError(f"cannot write {path}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def export_sd(name: str, preset: str, output_path: str | Path, seed: int = 0, weights: str | Path | None = None,
+              size: tuple[int, int] | None = None, batch: int = 1, log=None) -> Path:
+    """Export a Stable Diffusion part (``sd-unet``, ``sd-vae-decoder``, ``sd-vae-encoder``; see
+    :mod:`ssic.models.sd`) at ``preset`` to ``output_path``. ``size`` is ``(H, W)`` in image pixels
+    (latent = 1/8; default: the preset's), ``batch`` 1 or 2 (``sd-unet`` only: classifier-free
+    guidance). Seeded weights, or ``weights`` from a diffusers folder or a CompVis checkpoint. The
+    file carries metadata ``ssic.model``/``ssic.preset`` and the compile defaults of the family
+    (``ssic.sparse_min_res``, ``ssic.mask_eps``, ``ssic.mask_radius``, ``ssic.level_dilation``).
+    The full UNet (3.4 GB) is written with external data (see :func:`export_module_to_file`)."""
+    from ssic.models.sd import build_sd_model, sd_example_inputs, sd_output_names
+
+    path = Path(output_path)
+    _check_writable(path)
+    module = build_sd_model(name, preset, seed, weights=str(weights) if weights is not None else None)
+    inputs = sd_example_inputs(name, preset, seed, size=size, batch=batch, module=module)
+    first = next(iter(inputs.values()))
+    lat = min(first.shape[2:]) if name != "sd-vae-encoder" else min(first.shape[2:]) // 8
+    # sparse convs at the latent resolution and half of it (as DDIM/PD: >= 1/4 of the top);
+    # the decoder's and encoder's pixel-space levels are the big ones: >= the latent resolution
+    min_res = max(1, lat // 2) if name == "sd-unet" else lat
+    metadata = {"ssic.model": name, "ssic.preset": preset, "ssic.sparse_min_res": min_res,
+                "ssic.mask_eps": 0.01 if name != "sd-vae-encoder" else 0.02, "ssic.mask_radius": 1,
+                "ssic.level_dilation": 1}
+    return export_module_to_file(module, inputs, sd_output_names(name), path, metadata=metadata, log=log)

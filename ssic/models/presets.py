@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ssic.errors import SSICError
-from ssic.models import MODEL_NAMES, PRESETS  # one definition, in the light package module
+from ssic.models import MODEL_NAMES, PRESETS, SD_MODEL_NAMES  # defined in the light package module
 
 __all__ = [
     "MODEL_NAMES",
@@ -63,12 +63,20 @@ def model_config(name: str, preset: str):
 
 
 def input_names(name: str) -> list[str]:
+    if name in SD_MODEL_NAMES:
+        from ssic.models.sd import sd_input_names
+
+        return sd_input_names(name)
     if name not in MODEL_NAMES:
         raise SSICError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     return ["seg"] if name == "gaugan" else ["x", "t"]
 
 
 def output_names(name: str) -> list[str]:
+    if name in SD_MODEL_NAMES:
+        from ssic.models.sd import sd_output_names
+
+        return sd_output_names(name)
     if name not in MODEL_NAMES:
         raise SSICError(f"unknown model {name!r}: choose one of {', '.join(MODEL_NAMES)}")
     return {"ddim": ["eps"], "pd": ["out"], "gaugan": ["image"]}[name]
@@ -143,7 +151,12 @@ def _calibrate_batchnorm(model: nn.Module, seed: int) -> None:
 
 def build_model(name: str, preset: str = "tiny", seed: int = 0) -> nn.Module:
     """Build ``name`` (``ddim``/``pd``/``gaugan``) at ``preset`` (``full``/``tiny``) with seeded
-    deterministic weights, in eval mode."""
+    deterministic weights, in eval mode. Stable Diffusion parts (``SD_MODEL_NAMES``) come from
+    :func:`ssic.models.sd.build_sd_model`."""
+    if name in SD_MODEL_NAMES:
+        from ssic.models.sd import build_sd_model
+
+        return build_sd_model(name, preset, seed)
     model = build_architecture(name, preset)
     return initialize(model, name, seed)
 
@@ -160,8 +173,13 @@ def example_inputs(name: str, preset: str = "tiny", seed: int = 0) -> dict[str, 
 
     ``ddim``: ``x`` N(0,1) float32 [1,3,256,256], ``t`` float32 [1] (a step in [0, 1000));
     ``pd``: ``x`` as above, ``t`` float32 [1] in [0, 1]; ``gaugan``: ``seg`` float32
-    [1,36,256,512] built from a synthetic label/instance map.
+    [1,36,256,512] built from a synthetic label/instance map. Stable Diffusion parts: see
+    :func:`ssic.models.sd.sd_example_inputs` (default size, batch 1).
     """
+    if name in SD_MODEL_NAMES:
+        from ssic.models.sd import sd_example_inputs
+
+        return sd_example_inputs(name, preset, seed)
     cfg = model_config(name, preset)
     rng = np.random.default_rng(seed)
     if name == "gaugan":
