@@ -269,7 +269,26 @@ def load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]]
     """
     from ssic.passes.normalize import load_model as normalize_load
 
+    if Path(model_path).is_file() and _has_external_data(Path(model_path)):
+        # weights in external data (models over 2 GB): keep them on disk, referenced by absolute path;
+        # the artefact's graphs then share one linked copy (see _save)
+        from ssic.external_data import load_lazily
+        from ssic.passes.normalize import fix_input_shapes
+
+        proto = load_lazily(model_path)
+        return fix_input_shapes(proto, input_shapes) if input_shapes else proto
     return normalize_load(model_path, input_shapes=input_shapes, require_static=require_static)
+
+
+def _has_external_data(path: Path) -> bool:
+    """Whether an ONNX file keeps tensors in external data files (read without loading any weight)."""
+    from onnx.external_data_helper import uses_external_data
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - the loader that follows reports unreadable files
+        return False
+    return any(uses_external_data(t) for t in proto.graph.initializer)
 
 
 def _unsupported_ops(proto: onnx.ModelProto) -> list[str]:
@@ -277,9 +296,17 @@ def _unsupported_ops(proto: onnx.ModelProto) -> list[str]:
 
 
 def _save(model: ir.Model | onnx.ModelProto, path: Path) -> None:
+    from onnx.external_data_helper import uses_external_data
+
+    from ssic.external_data import share_external_data
+
     proto = ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
     proto.ir_version = IR_VERSION
-    if proto.ByteSize() > 1_900_000_000:
+    if any(uses_external_data(t) for t in proto.graph.initializer):
+        # weights still on disk (absolute references): one hard-linked weights.data per artefact
+        share_external_data(proto, "/", path.parent)
+        onnx.save(proto, str(path))
+    elif proto.ByteSize() > 1_900_000_000:
         onnx.save(proto, str(path), save_as_external_data=True, location=path.name + ".data")
     else:
         onnx.save(proto, str(path))

@@ -9,7 +9,7 @@ weights on disk:
 - :func:`load_lazily` reads the graph without the weights' bytes (``load_external_data=False``) and
   checks the file with ``onnx.checker`` *by path*; initializers stay ``EXTERNAL`` references.
 - :func:`share_external_data` prepares a graph that references external data for saving into
-  another directory (an artefact): each referenced data file is linked (hard link, else copied) once
+  another directory (an artefact): each referenced data file is copied once
   into that directory as ``weights.data`` (``weights.1.data``, ... for further files) and the
   references are rewritten to it, so the dense, prime and sparse graphs of an artefact share one
   copy of the weights instead of three.
@@ -89,20 +89,17 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
-    if dst.exists():
-        if dst.stat().st_size == src.stat().st_size and os.path.samefile(src, dst):
-            return
-        dst.unlink()
-    try:
-        os.link(src, dst)
-    except OSError:  # another file system, or links not allowed: a real copy
-        shutil.copyfile(src, dst)
+    """Copy ``src`` to ``dst`` once. (A hard link would save the disk space, but ``onnx.checker``
+    refuses external data files with more than one link, and the artefact is checked by path.)"""
+    if dst.exists() and dst.stat().st_size == src.stat().st_size:
+        return
+    shutil.copyfile(src, dst)
 
 
 def share_external_data(model: onnx.ModelProto, source_dir: str | os.PathLike,
                         target_dir: str | os.PathLike) -> onnx.ModelProto:
     """Make ``model`` (whose external references are relative to ``source_dir``) loadable from
-    ``target_dir``: each referenced data file is hard-linked (or copied) into ``target_dir`` once as
+    ``target_dir``: each referenced data file is copied into ``target_dir`` once as
     ``weights.data`` / ``weights.N.data`` and the references are rewritten in place. Calling it for
     several graphs with the same ``target_dir`` reuses the same files (offsets are unchanged).
     Returns ``model``. Raises SSICError when a referenced file is missing."""
