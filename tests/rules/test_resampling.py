@@ -52,3 +52,23 @@ def test_resampling_structure():
 def test_resampling_exact_equals_dense(tmp_path):
     sess, _ = compile_and_load(resample_net(), tmp_path, exact=True, sparse_min_res=16, tile=2)
     assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.7
+
+
+def test_depth_to_space_exact_mode_stays_local(tmp_path):
+    """conv/s2 -> conv -> DepthToSpace(2) -> conv: the receptive field of the shuffle keeps exact mode sparse."""
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["a", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["b"], ["d"], blocksize=2, mode="CRD"),
+             helper.make_node("Conv", ["d", "c_w", "c_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 16, 8, 3) | conv_params(rng, "c", 3, 4, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
+    sess.prime({"x": x})
+    edited = x.copy()
+    edited[:, :, 10:13, 18:21] += 1.0
+    got = sess.edit({"x": edited}, mode="sparse")["y"]
+    np.testing.assert_allclose(got, sess.dense({"x": edited})["y"], atol=1e-4, rtol=0)
+    assert sess.last.active_fraction < 0.2

@@ -148,6 +148,45 @@ class PadRule(Rule):
         return masks.op("Pad", [m, masks.const(np.array([0, 0, p[2], p[3], 0, 0, p[6], p[7]], np.int64))])
 
 
+class DepthToSpaceRule(Rule):
+    """``DepthToSpace`` (PixelShuffle) runs dense on the materialised input; exact mode knows its map.
+
+    Output pixel ``(Y, X)`` comes from input pixel ``(Y // b, X // b)``: the change mask is upsampled
+    by the block size.
+    """
+
+    op_types = ("DepthToSpace",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        return Refusal("DepthToSpace runs dense (its input is materialised once)")
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        m = masks.of(node.inputs[0])
+        out_hw = spatial_hw(node.outputs[0])
+        if m is None or out_hw is None:
+            return ALL
+        return masks.op("Resize", [m, "", "", masks.const(np.array([1, 1, *out_hw], np.int64))], mode="nearest",
+                        coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+class SpaceToDepthRule(Rule):
+    """``SpaceToDepth`` runs dense; an output pixel depends on one b x b block of the input."""
+
+    op_types = ("SpaceToDepth",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        return Refusal("SpaceToDepth runs dense")
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        m = masks.of(node.inputs[0])
+        b = node.attributes.get_int("blocksize", 0)
+        if m is None or b < 1 or spatial_hw(node.outputs[0]) is None:
+            return ALL
+        return masks.op("MaxPool", [m], kernel_shape=[b, b], strides=[b, b])
+
+
 register(ResizeRule())
 register(AveragePoolRule())
 register(PadRule())
+register(DepthToSpaceRule())
+register(SpaceToDepthRule())
