@@ -1,13 +1,17 @@
-"""Conv rules: a convolution at a sparse resolution becomes ``ssic::TileGather`` + MatMul + bias.
+"""Conv rules: convolutions at a sparse resolution become ``ssic::TileGather`` + MatMul + bias.
 
-A k x k (strided, after a folded nearest upsample or zero pad) conv gathers im2col rows
-``[n*t*t, k*k*Cin]`` of its input for the output tiles and multiplies them by the weight reshaped to
-``[k*k*Cin, Cout]`` (row order ``(ky, kx, c)``); a 1x1 stride-1 conv of a tile value on the same grid
-is a MatMul on the tiles. The receptive field (exact mode) is the kernel window: a MaxPool of the
-change mask with the conv's geometry.
+A k x k (strided, dilated, grouped, after a folded nearest upsample or zero pad) conv gathers im2col
+rows ``[n*t*t, K*K*Cin]`` of its input for the output tiles (``K = (k-1)*d + 1``; a dilated conv keeps
+the k*k columns it reads) and multiplies them by the weight reshaped to ``[k*k*Cin, Cout]`` (row order
+``(ky, kx, c)``); a grouped conv does one MatMul per group, a depthwise conv a Mul and a sum. A 1x1
+stride-1 conv of a tile value on the same grid is a MatMul on the tiles. ``auto_pad`` SAME/VALID is
+resolved to explicit pads from the static shapes. The receptive field (exact mode) is the kernel window: a MaxPool of the change
+mask with the op's geometry.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
@@ -19,20 +23,150 @@ from ssic.passes.sparsify.rule import ALL, MaskGraph, Refusal, Rule, register
 from ssic.passes.sparsify.values import DenseValue, LazyResample, TileValue
 
 
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Square kernel ``k``, stride ``s``, dilation ``d``, explicit pads ``(top, left, bottom, right)``."""
+
+    k: int
+    s: int
+    d: int
+    pads: tuple[int, int, int, int]
+
+    @property
+    def extent(self) -> int:
+        return (self.k - 1) * self.d + 1
+
+
+def window(node: ir.Node, kernel: list[int] | None) -> tuple[list[int], list[int], list[int], list[int]] | str:
+    """Per-axis ``(kernel, strides, dilations, pads [top, left, bottom, right])`` of a Conv/pool, or why not.
+
+    ``auto_pad`` VALID / SAME_UPPER / SAME_LOWER is resolved to explicit pads from the static input shape.
+    """
+    if kernel is None or len(kernel) != 2:
+        return "not a 2-D kernel"
+    strides = list(node.attributes.get_ints("strides", [1, 1]))
+    dil = list(node.attributes.get_ints("dilations", [1, 1]))
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET") or "NOTSET"
+    if auto_pad == "NOTSET":
+        pads = list(node.attributes.get_ints("pads", [0, 0, 0, 0]))
+    elif auto_pad == "VALID":
+        pads = [0, 0, 0, 0]
+    elif auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        hw = spatial_hw(node.inputs[0])
+        if hw is None:
+            return f"auto_pad {auto_pad} needs a static input shape"
+        begin, end = [], []
+        for size, k, s, d in zip(hw, kernel, strides, dil, strict=True):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small = total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        pads = [begin[0], begin[1], end[0], end[1]]
+    else:
+        return f"unknown auto_pad {auto_pad}"
+    if len(strides) != 2 or len(dil) != 2 or len(pads) != 4:
+        return "not a 2-D window"
+    return list(kernel), strides, dil, pads
+
+
+def conv_geometry(node: ir.Node, kernel: list[int] | None) -> ConvGeometry | str:
+    """The square geometry of a Conv ``node`` with kernel ``kernel``, or why it is not supported."""
+    win = window(node, kernel)
+    if isinstance(win, str):
+        return win
+    kernel, strides, dil, pads = win
+    if kernel[0] != kernel[1] or len(set(strides)) != 1:
+        return "non-square kernel or stride"
+    if len(set(dil)) != 1:
+        return "different dilations per axis"
+    return ConvGeometry(kernel[0], strides[0], dil[0], tuple(pads))
+
+
 def window_mask(node: ir.Node, masks: MaskGraph, kernel: list[int] | None) -> str | None:
     """Change mask after a sliding window (conv, pool): a MaxPool of the input's mask, same geometry."""
     m = masks.of(node.inputs[0])
-    if spatial_hw(node.inputs[0]) is None or m is None or kernel is None or len(kernel) != 2 \
-            or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
+    win = window(node, kernel)
+    if spatial_hw(node.inputs[0]) is None or m is None or isinstance(win, str):
         return ALL
-    dil = list(node.attributes.get_ints("dilations", [1, 1]))
+    kernel, strides, dil, pads = win
     extent = [(k - 1) * d + 1 for k, d in zip(kernel, dil, strict=True)]
-    return masks.op("MaxPool", [m], kernel_shape=extent, strides=list(node.attributes.get_ints("strides", [1, 1])),
-                    pads=list(node.attributes.get_ints("pads", [0, 0, 0, 0])))
+    extra = {"ceil_mode": 1} if node.attributes.get_int("ceil_mode", 0) else {}
+    return masks.op("MaxPool", [m], kernel_shape=extent, strides=strides, pads=pads, **extra)
+
+
+def _conv_source(ctx: SparsifyContext, x: ir.Value, pads: tuple[int, int]):
+    """The gather source of conv input ``x`` with a folded upsample/pad: ``(rep, upsample, pads, value)``."""
+    rep = ctx.rep(x)
+    upsample, pad_top, pad_left = 1, pads[0], pads[1]
+    source_value = x
+    if isinstance(rep, LazyResample):
+        upsample, pad_top, pad_left = rep.upsample, pad_top + rep.pad_top, pad_left + rep.pad_left
+        rep, source_value = rep.source, rep.source_value
+    rep = rep.gather_source(ctx, source_value)
+    if isinstance(rep, TileValue) and rep.act == ACT_SWISH and rep.tiles is not None and source_value is x:
+        # swish costs an exp per read and a gather reads each pixel k*k times: apply it once on
+        # the tiles and gather the activation's own cache instead
+        rep = ctx.cacheable(source_value, rep)
+    return rep, upsample, (pad_top, pad_left)
+
+
+def _input_refusal(ctx: SparsifyContext, x: ir.Value) -> Refusal | None:
+    rep = ctx.rep(x)
+    if isinstance(rep, LazyResample):
+        rep = rep.source
+    if isinstance(rep, DenseValue) and spatial_hw(rep.value) is None:
+        return Refusal("input is not a static [1, C, H, W] tensor")
+    return None
+
+
+def _grid_refusal(ctx: SparsifyContext, node: ir.Node) -> Refusal | None:
+    hw = spatial_hw(node.outputs[0])
+    if ctx.grid_for(hw) is not None:
+        return None
+    if hw:
+        return Refusal(f"output {hw[0]}x{hw[1]} is below the sparse resolution threshold ({ctx.plan.min_res})")
+    return Refusal("output is not a static [1, C, H, W] tensor")
+
+
+def _bias(ctx: SparsifyContext, node: ir.Node, y: ir.Value) -> ir.Value:
+    b = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+    if b is None:
+        return y
+    return ctx.add("Add", [y, ctx.const(b.astype(np.float32), "conv_b")], name_hint="conv_bias")
+
+
+def grouped_matmul(ctx: SparsifyContext, cols: ir.Value, w: np.ndarray, group: int) -> ir.Value:
+    """``cols`` ``[M, k*k*Cin]`` (columns ``(ky, kx, c)``) times the conv weight ``w`` ``[Cout, Cin/g, k, k]``."""
+    cout, cin_g, k, _ = w.shape
+    cin, cout_g = cin_g * group, cout // group
+    if group == 1:
+        wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout).astype(np.float32))
+        return ctx.add("MatMul", [cols, ctx.const(wmat, "conv_w")], name_hint="conv")
+    if cin_g == 1 and cout_g == 1:
+        # depthwise: a per-channel weighted sum over the k*k columns
+        wk = np.ascontiguousarray(w[:, 0].reshape(cout, k * k).T.astype(np.float32))  # [k*k, C]
+        x = ctx.add("Reshape", [cols, ctx.i64([-1, k * k, cin], "shape")])
+        prod = ctx.add("Mul", [x, ctx.const(wk, "conv_w")], name_hint="depthwise")
+        return ctx.add("ReduceSum", [prod, ctx.i64([1], "axes")], {"keepdims": 0}, name_hint="conv")
+    wg = w.reshape(group, cout_g, cin_g, k, k).transpose(0, 3, 4, 2, 1).reshape(group, k * k * cin_g, cout_g)
+    x = ctx.add("Reshape", [cols, ctx.i64([-1, k * k, group, cin_g], "shape")])
+    x = ctx.add("Transpose", [x], {"perm": [2, 0, 1, 3]})
+    x = ctx.add("Reshape", [x, ctx.i64([group, -1, k * k * cin_g], "shape")])
+    y = ctx.add("MatMul", [x, ctx.const(np.ascontiguousarray(wg, np.float32), "conv_w")], name_hint="conv")
+    y = ctx.add("Transpose", [y], {"perm": [1, 0, 2]})
+    return ctx.add("Reshape", [y, ctx.i64([-1, cout], "shape")])
+
+
+def select_columns(ctx: SparsifyContext, cols: ir.Value, extent: int, keep: list[int], channels: int,
+                   hint: str) -> ir.Value:
+    """Keep the columns ``keep`` (indices into the ``extent*extent`` window) of im2col rows."""
+    x = ctx.add("Reshape", [cols, ctx.i64([-1, extent * extent, channels], "shape")])
+    x = ctx.add("Gather", [x, ctx.i64(keep, hint)], {"axis": 1}, name_hint=hint)
+    return ctx.add("Reshape", [x, ctx.i64([-1, len(keep) * channels], "shape")])
 
 
 class ConvRule(Rule):
-    """``Conv`` (2-D, group 1, square kernel and stride, explicit pads, constant weights)."""
+    """``Conv`` (2-D, square kernel and stride, any dilation, groups and auto_pad, constant weights)."""
 
     op_types = ("Conv",)
     needs_sparse_input = False
@@ -51,69 +185,45 @@ class ConvRule(Rule):
                             macs_dense=conv_macs(node))
 
     def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
-        hw = spatial_hw(node.outputs[0])
-        grid = ctx.grid_for(hw)
+        refusal = _grid_refusal(ctx, node)
+        if refusal is not None:
+            return refusal
         w = const_array(node.inputs[1])
         b = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
-        if grid is None:
-            if hw:
-                return Refusal(f"output {hw[0]}x{hw[1]} is below the sparse resolution threshold ({ctx.plan.min_res})")
-            return Refusal("output is not a static [1, C, H, W] tensor")
         if w is None or w.ndim != 4:
             return Refusal("weights are not a constant 2-D kernel")
-        if node.attributes.get_int("group", 1) != 1:
-            return Refusal("grouped convolution (im2col + MatMul covers group=1 only)")
-        if any(d != 1 for d in node.attributes.get_ints("dilations", [1, 1])):
-            return Refusal("dilated convolution")
-        if w.shape[2] != w.shape[3] or len(set(node.attributes.get_ints("strides", [1, 1]))) != 1:
-            return Refusal("non-square kernel or stride")
-        if node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", ""):
-            return Refusal("auto_pad is not supported (explicit pads only)")
+        geo = conv_geometry(node, list(w.shape[2:]))
+        if isinstance(geo, str):
+            return Refusal(geo)
         if len(node.inputs) > 2 and node.inputs[2] is not None and b is None:
             return Refusal("bias is not constant")
-        rep = ctx.rep(node.inputs[0])
-        if isinstance(rep, LazyResample):
-            rep = rep.source
-        if isinstance(rep, DenseValue) and spatial_hw(rep.value) is None:
-            return Refusal("input is not a static [1, C, H, W] tensor")
-        return None
+        return _input_refusal(ctx, node.inputs[0])
 
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
         out = node.outputs[0]
         grid = ctx.grid_of_output(node)
         w = const_array(node.inputs[1])
-        b = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
-        cout, cin, k = w.shape[0], w.shape[1], w.shape[2]
-        s = node.attributes.get_ints("strides", [1, 1])[0]
-        pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
-        x = node.inputs[0]
-        rep = ctx.rep(x)
-        upsample, pad_top, pad_left = 1, pads[0], pads[1]
-        source_value = x
-        if isinstance(rep, LazyResample):
-            upsample, pad_top, pad_left = rep.upsample, pad_top + rep.pad_top, pad_left + rep.pad_left
-            rep, source_value = rep.source, rep.source_value
-        rep = rep.gather_source(ctx, source_value)
-        if isinstance(rep, TileValue) and rep.act == ACT_SWISH and rep.tiles is not None and source_value is x:
-            # swish costs an exp per read and a gather reads each pixel k*k times: apply it once on
-            # the tiles and gather the activation's own cache instead
-            rep = ctx.cacheable(source_value, rep)
-        if k == 1 and s == 1 and upsample == 1 and pad_top == 0 and pad_left == 0 and isinstance(rep, TileValue) \
+        group = node.attributes.get_int("group", 1)
+        cout, cin_g = w.shape[0], w.shape[1]
+        cin = cin_g * group
+        geo = conv_geometry(node, list(w.shape[2:]))
+        k, s, K = geo.k, geo.s, geo.extent
+        rep, upsample, (pad_top, pad_left) = _conv_source(ctx, node.inputs[0], geo.pads[:2])
+        if K == 1 and s == 1 and upsample == 1 and pad_top == 0 and pad_left == 0 and isinstance(rep, TileValue) \
                 and rep.grid == grid and rep.dense_source is None:
             cols = ctx.evaluate(rep)
-            wmat = np.ascontiguousarray(w[:, :, 0, 0].T.astype(np.float32))
         else:
-            cols = ctx.gather(rep, grid, kernel=k, stride=s, pads=(pad_top, pad_left), upsample=upsample,
+            cols = ctx.gather(rep, grid, kernel=K, stride=s, pads=(pad_top, pad_left), upsample=upsample,
                               channels=cin, hint="gather")
-            wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout).astype(np.float32))
-        y = ctx.add("MatMul", [cols, ctx.const(wmat, "conv_w")], name_hint="conv")
-        if b is not None:
-            y = ctx.add("Add", [y, ctx.const(b.astype(np.float32), "conv_b")], name_hint="conv_bias")
+            if geo.d > 1:
+                keep = [ky * geo.d * K + kx * geo.d for ky in range(k) for kx in range(k)]
+                cols = select_columns(ctx, cols, K, keep, cin, "dilation")
+        y = _bias(ctx, node, grouped_matmul(ctx, cols, w, group))
         ctx.set_rep(out, TileValue(grid, y, out, cout))
         decision = ctx.decisions[node]
         decision.sparse = True
         decision.grid = grid.name
-        decision.macs_per_tile = grid.tile * grid.tile * cout * cin * k * k
+        decision.macs_per_tile = grid.tile * grid.tile * cout * cin_g * k * k
         decision.reason = f"tile {grid.tile} on grid {grid.name}" + (f", upsample x{upsample} folded" if upsample > 1 else "")
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
