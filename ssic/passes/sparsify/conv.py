@@ -5,7 +5,9 @@ rows ``[n*t*t, K*K*Cin]`` of its input for the output tiles (``K = (k-1)*d + 1``
 the k*k columns it reads) and multiplies them by the weight reshaped to ``[k*k*Cin, Cout]`` (row order
 ``(ky, kx, c)``); a grouped conv does one MatMul per group, a depthwise conv a Mul and a sum. A 1x1
 stride-1 conv of a tile value on the same grid is a MatMul on the tiles. ``auto_pad`` SAME/VALID is
-resolved to explicit pads from the static shapes. The receptive field (exact mode) is the kernel window: a MaxPool of the change
+resolved to explicit pads from the static shapes. ``ConvTranspose`` is a conv of the zero-inserted
+input: a gather with ``upsample = stride`` whose rows keep, per output phase, only the columns that
+fall on input pixels. The receptive field (exact mode) is the kernel window: a MaxPool of the change
 mask with the op's geometry.
 """
 
@@ -233,6 +235,140 @@ class ConvRule(Rule):
         return window_mask(node, masks, list(wshape[2:]) if wshape else None)
 
 
+def _transpose_geometry(node: ir.Node, w: np.ndarray | None) -> tuple[int, int, tuple[int, int, int, int]] | str:
+    """``(k, s, pads)`` of a ConvTranspose with explicit pads, or why it is not supported."""
+    if w is None or w.ndim != 4:
+        return "weights are not a constant 2-D kernel"
+    if node.attributes.get_int("group", 1) != 1:
+        return "grouped ConvTranspose"
+    strides = list(node.attributes.get_ints("strides", [1, 1]))
+    if w.shape[2] != w.shape[3] or len(set(strides)) != 1:
+        return "non-square kernel or stride"
+    if any(d != 1 for d in node.attributes.get_ints("dilations", [1, 1])):
+        return "dilated ConvTranspose"
+    if (node.attributes.get_string("auto_pad", "NOTSET") or "NOTSET") != "NOTSET" \
+            or node.attributes.get_ints("output_shape", None) is not None:
+        return "ConvTranspose with auto_pad or output_shape"
+    pads = tuple(node.attributes.get_ints("pads", [0, 0, 0, 0]))
+    k = w.shape[2]
+    if len(pads) != 4 or any(p > k - 1 or p < 0 for p in pads):
+        return "ConvTranspose pads larger than the kernel"
+    return k, strides[0], pads
+
+
+class ConvTransposeRule(Rule):
+    """``ConvTranspose`` (2-D, group 1, square kernel and stride, explicit pads, constant weights).
+
+    Output pixel ``Y`` of phase ``Y % s`` reads input pixels through the kernel taps ``ky`` with
+    ``(Y + ky - (k-1-pad)) % s == 0``: the gather reads the input upsampled by ``s`` (nearest) with the
+    flipped kernel, and each phase keeps only its taps (one MatMul per phase, no multiply by zero).
+    The tile size must be a multiple of the stride so that a row's phase is its position in the tile.
+    """
+
+    op_types = ("ConvTranspose",)
+    needs_sparse_input = False
+
+    def describe(self, node: ir.Node, ctx: SparsifyContext) -> ConvDecision:
+        out = node.outputs[0]
+        wshape = static_shape(node.inputs[1]) if node.inputs[1] is not None else None
+        group = node.attributes.get_int("group", 1)
+        cin, cout = (wshape[0], wshape[1] * group) if wshape and len(wshape) == 4 else (0, 0)
+        x = static_shape(node.inputs[0])
+        macs = x[2] * x[3] * cin * cout * wshape[2] * wshape[3] // group if x and len(x) == 4 and wshape else 0
+        k = f"{wshape[2]}x{wshape[3]}" if wshape and len(wshape) == 4 else "?"
+        strides = node.attributes.get_ints("strides", [1, 1])
+        return ConvDecision(node.name or out.name, f"T{k}/s{strides[0]}", spatial_hw(out), (cin, cout), False, "",
+                            macs_dense=int(macs))
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        refusal = _grid_refusal(ctx, node)
+        if refusal is not None:
+            return refusal
+        geo = _transpose_geometry(node, const_array(node.inputs[1]))
+        if isinstance(geo, str):
+            return Refusal(geo)
+        grid = ctx.grid_of_output(node)
+        if grid.tile % geo[1]:
+            return Refusal(f"tile {grid.tile} is not a multiple of the stride {geo[1]}")
+        if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+            return Refusal("bias is not constant")
+        x = node.inputs[0]
+        if isinstance(ctx.rep(x), LazyResample):
+            return Refusal("ConvTranspose of a resampled value")
+        return _input_refusal(ctx, x)
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        out = node.outputs[0]
+        grid = ctx.grid_of_output(node)
+        w = const_array(node.inputs[1])  # [Cin, Cout, k, k]
+        k, s, pads = _transpose_geometry(node, w)
+        cin, cout = w.shape[0], w.shape[1]
+        t = grid.tile
+        x = node.inputs[0]
+        rep = ctx.rep(x).gather_source(ctx, x)
+        off_y, off_x = k - 1 - pads[0], k - 1 - pads[1]
+        cols = ctx.gather(rep, grid, kernel=k, stride=1, pads=(off_y, off_x), upsample=s, channels=cin,
+                          hint="gather_transpose")
+        flipped = w[:, :, ::-1, ::-1]  # conv taps (ky, kx) of the zero-inserted input
+        per_tile = ctx.add("Reshape", [cols, ctx.i64([-1, t * t, k * k * cin], "shape")])
+        parts, order = [], []
+        for a in range(s):
+            for b in range(s):
+                rows = [py * t + px for py in range(t) for px in range(t) if py % s == a and px % s == b]
+                taps_y = [ky for ky in range(k) if (a + ky - off_y) % s == 0]
+                taps_x = [kx for kx in range(k) if (b + kx - off_x) % s == 0]
+                keep = [ky * k + kx for ky in taps_y for kx in taps_x]
+                order += rows
+                if not keep:
+                    zeros = ctx.const(np.zeros((1, 1, cout), np.float32), "zeros")
+                    shape = ctx.add("Concat", [ctx.add("Slice", [ctx.add("Shape", [per_tile]), ctx.i64([0], "s0"),
+                                                                 ctx.i64([1], "s1")]),
+                                               ctx.i64([len(rows), cout], "shape")], {"axis": 0})
+                    parts.append(ctx.add("Expand", [zeros, shape]))
+                    continue
+                sel = ctx.add("Gather", [per_tile, ctx.i64(rows, "phase_rows")], {"axis": 1}, name_hint="phase")
+                sel = select_columns(ctx, sel, k, keep, cin, "phase_taps")
+                wp = flipped[:, :, taps_y][:, :, :, taps_x]  # [Cin, Cout, ky', kx']
+                wmat = np.ascontiguousarray(wp.transpose(2, 3, 0, 1).reshape(len(keep) * cin, cout), np.float32)
+                y = ctx.add("MatMul", [sel, ctx.const(wmat, "convT_w")], name_hint="convT")
+                parts.append(ctx.add("Reshape", [y, ctx.i64([-1, len(rows), cout], "shape")]))
+        y = ctx.add("Concat", parts, {"axis": 1}) if len(parts) > 1 else parts[0]
+        inverse = np.argsort(np.array(order)).astype(np.int64)
+        y = ctx.add("Gather", [y, ctx.const(inverse, "phase_order")], {"axis": 1})
+        y = _bias(ctx, node, ctx.add("Reshape", [y, ctx.i64([-1, cout], "shape")]))
+        ctx.set_rep(out, TileValue(grid, y, out, cout))
+        decision = ctx.decisions[node]
+        decision.sparse = True
+        decision.grid = grid.name
+        decision.macs_per_tile = t * t * cin * cout * k * k // (s * s)
+        decision.reason = f"tile {t} on grid {grid.name}, {s * s} phases"
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        """Input pixel ``i`` reaches outputs ``i*s - pad .. i*s - pad + k - 1``: upsample, then a k-window."""
+        m = masks.of(node.inputs[0])
+        wshape = static_shape(node.inputs[1])
+        in_hw, out_hw = spatial_hw(node.inputs[0]), spatial_hw(node.outputs[0])
+        if m is None or sum(masks.of(v) is not None for v in node.inputs) > 1 or wshape is None or in_hw is None \
+                or out_hw is None:
+            return ALL
+        geo = _transpose_geometry(node, np.zeros(wshape, np.float32))
+        if isinstance(geo, str):
+            return ALL
+        k, s, pads = geo
+        up = masks.op("Resize", [m, "", "", masks.const(np.array([1, 1, in_hw[0] * s, in_hw[1] * s], np.int64))],
+                      mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+        ends = [out_hw[0] - in_hw[0] * s + pads[0], out_hw[1] - in_hw[1] * s + pads[1]]
+        if any(e >= k for e in ends):
+            return ALL
+        pooled = masks.op("MaxPool", [up], kernel_shape=[k, k],
+                          pads=[k - 1 - pads[0], k - 1 - pads[1], max(ends[0], 0), max(ends[1], 0)])
+        if min(ends) < 0:
+            pooled = masks.op("Slice", [pooled, masks.const(np.array([0, 0], np.int64)),
+                                        masks.const(np.array(list(out_hw), np.int64)),
+                                        masks.const(np.array([2, 3], np.int64))])
+        return pooled
+
+
 class MaxPoolRule(Rule):
     """``MaxPool`` runs dense; exact mode knows its window."""
 
@@ -246,4 +382,5 @@ class MaxPoolRule(Rule):
 
 
 register(ConvRule())
+register(ConvTransposeRule())
 register(MaxPoolRule())
