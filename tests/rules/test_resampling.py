@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from tests.rules.harness import (
@@ -72,3 +73,33 @@ def test_depth_to_space_exact_mode_stays_local(tmp_path):
     got = sess.edit({"x": edited}, mode="sparse")["y"]
     np.testing.assert_allclose(got, sess.dense({"x": edited})["y"], atol=1e-4, rtol=0)
     assert sess.last.active_fraction < 0.2
+
+
+@pytest.mark.parametrize("mode,lowering", [("reflect", "fused"), ("edge", "fused"), ("reflect", "standard")])
+def test_reflect_and_edge_pad_fold_into_the_gather(tmp_path, mode, lowering):
+    """conv -> Pad(reflect|edge, 1) -> conv (pad 0) -> ReLU -> Pad -> conv: no full tensor, exact == dense."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Pad", ["a", "pads"], ["ap"], mode=mode),
+             helper.make_node("Conv", ["ap", "b_w", "b_b"], ["b"]),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Pad", ["br", "pads"], ["bp"], mode=mode),
+             helper.make_node("Conv", ["bp", "c_w", "c_b"], ["y"])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 8, 8, 3) | conv_params(rng, "c", 3, 8, 3)
+    inits["pads"] = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    assert ops["Pad"] == 0 and ops["TileScatter"] == 1 and result.dense_ops == []
+    modes = sorted(n.attributes["pad_mode"].value for n in sparse.graph
+                   if n.op_type == "TileGather" and "pad_mode" in n.attributes)
+    assert modes == [1 if mode == "reflect" else 2] * 2
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2, lowering=lowering)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0, 1))) < 0.7
+    # an edit at the border: the reflected pixels change too
+    x = np.random.default_rng(9).standard_normal((1, 3, H, W)).astype(np.float32)
+    sess.prime({"x": x})
+    edited = x.copy()
+    edited[:, :, 0:2, 10:13] += 1.0
+    np.testing.assert_allclose(sess.edit({"x": edited}, mode="sparse")["y"], sess.dense({"x": edited})["y"],
+                               atol=1e-4, rtol=0)

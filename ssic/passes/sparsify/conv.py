@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from ssic.ops import ACT_SWISH
+from ssic.ops import ACT_SWISH, PAD_ZEROS
 from ssic.passes.analysis import ConvDecision, conv_kind, conv_macs, spatial_hw, static_shape
 from ssic.passes.sparsify.context import SparsifyContext, const_array
 from ssic.passes.sparsify.rule import ALL, MaskGraph, Refusal, Rule, register
@@ -97,19 +97,20 @@ def window_mask(node: ir.Node, masks: MaskGraph, kernel: list[int] | None) -> st
 
 
 def _conv_source(ctx: SparsifyContext, x: ir.Value, pads: tuple[int, int]):
-    """The gather source of conv input ``x`` with a folded upsample/pad: ``(rep, upsample, pads, value)``."""
+    """The gather source of conv input ``x`` with a folded upsample/pad: ``(rep, upsample, pads, pad_mode)``."""
     rep = ctx.rep(x)
-    upsample, pad_top, pad_left = 1, pads[0], pads[1]
+    upsample, pad_top, pad_left, pad_mode = 1, pads[0], pads[1], PAD_ZEROS
     source_value = x
     if isinstance(rep, LazyResample):
         upsample, pad_top, pad_left = rep.upsample, pad_top + rep.pad_top, pad_left + rep.pad_left
+        pad_mode = rep.pad_mode
         rep, source_value = rep.source, rep.source_value
     rep = rep.gather_source(ctx, source_value)
     if isinstance(rep, TileValue) and rep.act == ACT_SWISH and rep.tiles is not None and source_value is x:
         # swish costs an exp per read and a gather reads each pixel k*k times: apply it once on
         # the tiles and gather the activation's own cache instead
         rep = ctx.cacheable(source_value, rep)
-    return rep, upsample, (pad_top, pad_left)
+    return rep, upsample, (pad_top, pad_left), pad_mode
 
 
 def _input_refusal(ctx: SparsifyContext, x: ir.Value) -> Refusal | None:
@@ -199,6 +200,9 @@ class ConvRule(Rule):
             return Refusal(geo)
         if len(node.inputs) > 2 and node.inputs[2] is not None and b is None:
             return Refusal("bias is not constant")
+        rep = ctx.rep(node.inputs[0])
+        if isinstance(rep, LazyResample) and rep.pad_mode != PAD_ZEROS and any(geo.pads):
+            return Refusal("zero padding around a reflect/edge pad")
         return _input_refusal(ctx, node.inputs[0])
 
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
@@ -210,13 +214,13 @@ class ConvRule(Rule):
         cin = cin_g * group
         geo = conv_geometry(node, list(w.shape[2:]))
         k, s, K = geo.k, geo.s, geo.extent
-        rep, upsample, (pad_top, pad_left) = _conv_source(ctx, node.inputs[0], geo.pads[:2])
+        rep, upsample, (pad_top, pad_left), pad_mode = _conv_source(ctx, node.inputs[0], geo.pads[:2])
         if K == 1 and s == 1 and upsample == 1 and pad_top == 0 and pad_left == 0 and isinstance(rep, TileValue) \
                 and rep.grid == grid and rep.dense_source is None:
             cols = ctx.evaluate(rep)
         else:
             cols = ctx.gather(rep, grid, kernel=K, stride=s, pads=(pad_top, pad_left), upsample=upsample,
-                              channels=cin, hint="gather")
+                              channels=cin, hint="gather", pad_mode=pad_mode)
             if geo.d > 1:
                 keep = [ky * geo.d * K + kx * geo.d for ky in range(k) for kx in range(k)]
                 cols = select_columns(ctx, cols, K, keep, cin, "dilation")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ssic.ops import PAD_EDGE, PAD_REFLECT, PAD_ZEROS
 from ssic.passes.analysis import spatial_hw, static_shape
 from ssic.passes.sparsify.context import SparsifyContext, const_array
 from ssic.passes.sparsify.conv import window_mask
@@ -113,8 +114,11 @@ def _pad_amounts(node: ir.Node) -> list[int] | None:
     return None if pads is None else [int(p) for p in pads]
 
 
+PAD_MODES = {"constant": PAD_ZEROS, "reflect": PAD_REFLECT, "edge": PAD_EDGE}
+
+
 class PadRule(Rule):
-    """Zero ``Pad`` of the spatial axes of a tile value: folded into the next gather."""
+    """Zero, reflect or edge ``Pad`` of the spatial axes of a tile value: folded into the next gather."""
 
     op_types = ("Pad",)
 
@@ -122,8 +126,11 @@ class PadRule(Rule):
         if not isinstance(ctx.rep(node.inputs[0]), TileValue):
             return Refusal("pad of a value that is not a tile value")
         mode = node.attributes.get_string("mode", "constant")
-        if mode != "constant":
+        if mode not in PAD_MODES:
             return Refusal(f"{mode} padding")
+        hw = spatial_hw(node.inputs[0])
+        if mode == "reflect" and (hw is None or max(_pad_amounts(node) or [0]) >= min(hw)):
+            return Refusal("reflect padding as large as the image")
         pads = _pad_amounts(node)
         cval = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         axes = node.inputs[3] if len(node.inputs) > 3 else None
@@ -136,16 +143,20 @@ class PadRule(Rule):
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
         pads = _pad_amounts(node)
         ctx.set_rep(node.outputs[0], LazyResample(ctx.rep(node.inputs[0]), node.inputs[0], pad_top=pads[2],
-                                                  pad_left=pads[3]))
+                                                  pad_left=pads[3],
+                                                  pad_mode=PAD_MODES[node.attributes.get_string("mode", "constant")]))
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
         m = masks.of(node.inputs[0])
         p = _pad_amounts(node)
-        if m is None or spatial_hw(node.outputs[0]) is None or p is None or len(p) != 8 \
-                or node.attributes.get_string("mode", "constant") != "constant" \
+        mode = node.attributes.get_string("mode", "constant")
+        if m is None or spatial_hw(node.outputs[0]) is None or p is None or len(p) != 8 or mode not in PAD_MODES \
                 or (len(node.inputs) > 3 and node.inputs[3] is not None):
             return ALL
-        return masks.op("Pad", [m, masks.const(np.array([0, 0, p[2], p[3], 0, 0, p[6], p[7]], np.int64))])
+        pads = masks.const(np.array([0, 0, p[2], p[3], 0, 0, p[6], p[7]], np.int64))
+        if mode == "constant":
+            return masks.op("Pad", [m, pads])
+        return masks.op("Pad", [m, pads], mode=mode)  # a changed pixel is mirrored/repeated into the border
 
 
 class DepthToSpaceRule(Rule):
