@@ -31,10 +31,10 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.errors import SSICError
+from ssic.ops import PAD_REFLECT, PAD_ZEROS
 
 DOMAIN = "ssic"
 ACT_IDENTITY, ACT_RELU, ACT_LEAKY_RELU, ACT_SWISH = 0, 1, 2, 3
-PAD_ZEROS, PAD_REFLECT, PAD_EDGE = 0, 1, 2
 DEFAULT_ALPHA = 0.01
 
 
