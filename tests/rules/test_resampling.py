@@ -55,16 +55,23 @@ def test_resampling_exact_equals_dense(tmp_path):
     assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.7
 
 
-def test_depth_to_space_exact_mode_stays_local(tmp_path):
-    """conv/s2 -> conv -> DepthToSpace(2) -> conv: the receptive field of the shuffle keeps exact mode sparse."""
+@pytest.mark.parametrize("mode", ["CRD", "DCR"])
+def test_depth_to_space_folds_into_the_next_conv(tmp_path, mode):
+    """conv/s2 -> conv -> DepthToSpace(2) -> conv: the shuffle is read by the next gather (no full tensor),
+    and its receptive field keeps exact mode sparse and exact."""
     rng = np.random.default_rng(7)
     nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
              helper.make_node("Conv", ["a", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
-             helper.make_node("DepthToSpace", ["b"], ["d"], blocksize=2, mode="CRD"),
+             helper.make_node("DepthToSpace", ["b"], ["d"], blocksize=2, mode=mode),
              helper.make_node("Conv", ["d", "c_w", "c_b"], ["y"], pads=[1, 1, 1, 1])]
     inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 16, 8, 3) | conv_params(rng, "c", 3, 4, 3)
     m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    assert all(d.sparse for d in result.decisions) and "DepthToSpace x2 folded" in result.decisions[2].reason
+    assert ops["DepthToSpace"] == 0 and ops["TileScatter"] == 1 and result.dense_ops == []
     sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.5
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
     sess.prime({"x": x})
@@ -73,6 +80,24 @@ def test_depth_to_space_exact_mode_stays_local(tmp_path):
     got = sess.edit({"x": edited}, mode="sparse")["y"]
     np.testing.assert_allclose(got, sess.dense({"x": edited})["y"], atol=1e-4, rtol=0)
     assert sess.last.active_fraction < 0.2
+
+
+def test_depth_to_space_with_other_consumers_is_materialised(tmp_path):
+    """DepthToSpace read by an activation and by the graph output: computed once, dense, still exact."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["a", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["b"], ["d"], blocksize=2, mode="CRD"),
+             helper.make_node("LeakyRelu", ["d"], ["dl"], alpha=0.2),
+             helper.make_node("Conv", ["dl", "c_w", "c_b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "d"], ["y"])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 16, 8, 3) | conv_params(rng, "c", 4, 4, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 4, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    assert all(d.sparse for d in result.decisions)
+    assert op_counts(sparse)["DepthToSpace"] == 1
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0, 1))
 
 
 @pytest.mark.parametrize("mode,lowering", [("reflect", "fused"), ("edge", "fused"), ("reflect", "standard")])

@@ -22,7 +22,7 @@ from ssic.ops import ACT_SWISH, PAD_ZEROS
 from ssic.passes.analysis import ConvDecision, conv_kind, conv_macs, spatial_hw, static_shape
 from ssic.passes.sparsify.context import SparsifyContext, const_array
 from ssic.passes.sparsify.rule import ALL, MaskGraph, Refusal, Rule, register
-from ssic.passes.sparsify.values import DenseValue, LazyResample, TileValue
+from ssic.passes.sparsify.values import DenseValue, LazyResample, LazyShuffle, TileValue
 
 
 @dataclass(frozen=True)
@@ -203,6 +203,11 @@ class ConvRule(Rule):
         rep = ctx.rep(node.inputs[0])
         if isinstance(rep, LazyResample) and rep.pad_mode != PAD_ZEROS and any(geo.pads):
             return Refusal("zero padding around a reflect/edge pad")
+        if isinstance(rep, LazyShuffle):
+            grid = ctx.grid_of_output(node)
+            if node.attributes.get_int("group", 1) != 1 or geo.d != 1 or (grid.tile * geo.s) % rep.block:
+                return Refusal("conv after DepthToSpace needs group 1, no dilation and tile*stride a multiple "
+                               "of the block")
         return _input_refusal(ctx, node.inputs[0])
 
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
@@ -214,6 +219,10 @@ class ConvRule(Rule):
         cin = cin_g * group
         geo = conv_geometry(node, list(w.shape[2:]))
         k, s, K = geo.k, geo.s, geo.extent
+        if isinstance(ctx.rep(node.inputs[0]), LazyShuffle):
+            y = _bias(ctx, node, _shuffled_conv(ctx, ctx.rep(node.inputs[0]), grid, w, geo))
+            self._record(ctx, node, grid, TileValue(grid, y, out, cout), cin_g, k, f"DepthToSpace x{ctx.rep(node.inputs[0]).block} folded")
+            return
         rep, upsample, (pad_top, pad_left), pad_mode = _conv_source(ctx, node.inputs[0], geo.pads[:2])
         if K == 1 and s == 1 and upsample == 1 and pad_top == 0 and pad_left == 0 and isinstance(rep, TileValue) \
                 and rep.grid == grid and rep.dense_source is None:
@@ -225,18 +234,54 @@ class ConvRule(Rule):
                 keep = [ky * geo.d * K + kx * geo.d for ky in range(k) for kx in range(k)]
                 cols = select_columns(ctx, cols, K, keep, cin, "dilation")
         y = _bias(ctx, node, grouped_matmul(ctx, cols, w, group))
-        ctx.set_rep(out, TileValue(grid, y, out, cout))
+        self._record(ctx, node, grid, TileValue(grid, y, out, cout), cin_g, k,
+                     f"upsample x{upsample} folded" if upsample > 1 else "")
+
+    @staticmethod
+    def _record(ctx: SparsifyContext, node: ir.Node, grid, rep: TileValue, cin_g: int, k: int, note: str) -> None:
+        ctx.set_rep(node.outputs[0], rep)
         decision = ctx.decisions[node]
         decision.sparse = True
         decision.grid = grid.name
-        decision.macs_per_tile = grid.tile * grid.tile * cout * cin_g * k * k
-        decision.reason = f"tile {grid.tile} on grid {grid.name}" + (f", upsample x{upsample} folded" if upsample > 1 else "")
+        decision.macs_per_tile = grid.tile * grid.tile * rep.channels * cin_g * k * k
+        decision.reason = f"tile {grid.tile} on grid {grid.name}" + (f", {note}" if note else "")
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
         if sum(masks.of(v) is not None for v in node.inputs) > 1:
             return ALL  # weights that change between runs
         wshape = static_shape(node.inputs[1])
         return window_mask(node, masks, list(wshape[2:]) if wshape else None)
+
+
+def _shuffled_conv(ctx: SparsifyContext, lazy: LazyShuffle, grid, w: np.ndarray, geo: ConvGeometry) -> ir.Value:
+    """Conv of ``DepthToSpace(source)``: gather the source upsampled by the block, keep per row phase the
+    channel block under each tap, one MatMul per phase. Returns ``[n*t*t, Cout]`` (no bias)."""
+    cout, cin, k = w.shape[0], w.shape[1], w.shape[2]
+    r, t, s = lazy.block, grid.tile, geo.s
+    cs = cin * r * r
+    src = lazy.source.gather_source(ctx, lazy.source_value)
+    cols = ctx.gather(src, grid, kernel=k, stride=s, pads=geo.pads[:2], upsample=r, channels=cs,
+                      hint="gather_shuffle")
+    per_tile = ctx.add("Reshape", [cols, ctx.i64([-1, t * t, k * k * cs], "shape")])
+    wmat = ctx.const(np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout), np.float32), "conv_w")
+    phases: dict[tuple[int, int], list[int]] = {}
+    for py in range(t):
+        for px in range(t):
+            phases.setdefault(((py * s) % r, (px * s) % r), []).append(py * t + px)
+    parts, order = [], []
+    for (a, b), rows in sorted(phases.items()):
+        keep = [(ky * k + kx) * cs + lazy.source_channel((a - geo.pads[0] + ky) % r, (b - geo.pads[1] + kx) % r, c, cin)
+                for ky in range(k) for kx in range(k) for c in range(cin)]
+        sel = ctx.add("Gather", [per_tile, ctx.i64(rows, "phase_rows")], {"axis": 1}, name_hint="phase")
+        sel = ctx.add("Reshape", [sel, ctx.i64([-1, k * k * cs], "shape")])
+        sel = ctx.add("Gather", [sel, ctx.i64(keep, "phase_channels")], {"axis": 1}, name_hint="phase_channels")
+        y = ctx.add("MatMul", [sel, wmat], name_hint="conv")
+        parts.append(ctx.add("Reshape", [y, ctx.i64([-1, len(rows), cout], "shape")]))
+        order += rows
+    y = ctx.add("Concat", parts, {"axis": 1}) if len(parts) > 1 else parts[0]
+    if order != sorted(order):
+        y = ctx.add("Gather", [y, ctx.const(np.argsort(np.array(order)).astype(np.int64), "phase_order")], {"axis": 1})
+    return ctx.add("Reshape", [y, ctx.i64([-1, cout], "shape")])
 
 
 def _transpose_geometry(node: ir.Node, w: np.ndarray | None) -> tuple[int, int, tuple[int, int, int, int]] | str:
@@ -297,7 +342,7 @@ class ConvTransposeRule(Rule):
         if len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
             return Refusal("bias is not constant")
         x = node.inputs[0]
-        if isinstance(ctx.rep(x), LazyResample):
+        if not isinstance(ctx.rep(x), (TileValue, DenseValue)):
             return Refusal("ConvTranspose of a resampled value")
         return _input_refusal(ctx, x)
 

@@ -15,7 +15,7 @@ from ssic.passes.analysis import spatial_hw, static_shape
 from ssic.passes.sparsify.context import SparsifyContext, const_array
 from ssic.passes.sparsify.conv import window_mask
 from ssic.passes.sparsify.rule import ALL, MaskGraph, Refusal, Rule, register
-from ssic.passes.sparsify.values import LazyResample, TileValue
+from ssic.passes.sparsify.values import DenseValue, LazyResample, LazyShuffle, TileValue
 
 
 class ResizeRule(Rule):
@@ -49,7 +49,7 @@ class ResizeRule(Rule):
         if (ctm != "asymmetric" or nearest != "floor") and not (
                 ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil"):
             return Refusal(f"nearest resize with {ctm}/{nearest} is not a pixel repeat")
-        if isinstance(ctx.rep(x), LazyResample):
+        if not isinstance(ctx.rep(x), (TileValue, DenseValue)):
             return Refusal("resize of an already resampled value")
         return None
 
@@ -90,7 +90,7 @@ class AveragePoolRule(Rule):
         if len(kernel) != 2 or kernel[0] != kernel[1] or any(pads) or node.attributes.get_int("ceil_mode", 0) \
                 or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "") or len(set(strides)) != 1:
             return Refusal("only square, unpadded average pools")
-        if isinstance(ctx.rep(node.inputs[0]), LazyResample):
+        if not isinstance(ctx.rep(node.inputs[0]), TileValue):
             return Refusal("average pool of a resampled value")
         return None
 
@@ -160,16 +160,28 @@ class PadRule(Rule):
 
 
 class DepthToSpaceRule(Rule):
-    """``DepthToSpace`` (PixelShuffle) runs dense on the materialised input; exact mode knows its map.
+    """``DepthToSpace`` (PixelShuffle) of a tile value: a :class:`LazyShuffle` the next conv's gather folds.
 
-    Output pixel ``(Y, X)`` comes from input pixel ``(Y // b, X // b)``: the change mask is upsampled
-    by the block size.
+    Any other consumer reads it materialised (a dense DepthToSpace of the scattered input). Output
+    pixel ``(Y, X)`` comes from input pixel ``(Y // b, X // b)``: the change mask is upsampled by the
+    block size.
     """
 
     op_types = ("DepthToSpace",)
 
     def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
-        return Refusal("DepthToSpace runs dense (its input is materialised once)")
+        if not isinstance(ctx.rep(node.inputs[0]), TileValue):
+            return Refusal("DepthToSpace of a value that is not a tile value")
+        if static_shape(node.inputs[0]) is None or spatial_hw(node.outputs[0]) is None:
+            return Refusal("DepthToSpace shapes unknown")
+        if node.attributes.get_string("mode", "DCR") not in ("DCR", "CRD"):
+            return Refusal("unknown DepthToSpace mode")
+        return None
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        x = node.inputs[0]
+        ctx.set_rep(node.outputs[0], LazyShuffle(ctx.rep(x), x, node.attributes.get_int("blocksize", 1),
+                                                 node.attributes.get_string("mode", "DCR") == "CRD"))
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
         m = masks.of(node.inputs[0])

@@ -160,3 +160,25 @@ class LazyResample(Rep):
         if src.dense_source is None:
             src = src.gather_source(ctx, self.source_value)
         return LazyResample(fn(src), self.source_value, upsample=self.upsample)
+
+
+@dataclass(frozen=True, eq=False)
+class LazyShuffle(Rep):
+    """``value = DepthToSpace(source, block)``: the next conv's gather reads the source upsampled by the
+    block and keeps, per output phase, the channel block that lands on each pixel (no full tensor)."""
+
+    source: DenseValue | TileValue
+    source_value: ir.Value
+    block: int
+    crd: bool  # DepthToSpace mode CRD (PixelShuffle); DCR otherwise
+
+    def tileable_on(self, grid: Grid) -> bool:
+        return False
+
+    def channel_map_refusal(self) -> str | None:
+        return "a per-channel map after DepthToSpace is not folded"
+
+    def source_channel(self, i: int, j: int, c: int, channels: int) -> int:
+        """Source channel of output channel ``c`` at sub-pixel ``(i, j)`` of a block."""
+        r = self.block
+        return c * r * r + i * r + j if self.crd else (i * r + j) * channels + c
