@@ -35,6 +35,12 @@ ACT_SWISH = 3
 LAYOUT_NHWC = 0
 LAYOUT_NCHW = 1
 
+# What TileGather reads outside the (upsampled) source (attribute ``pad_mode``): zeros (a conv's
+# padding), the mirror image without repeating the border (ONNX Pad "reflect") or the border ("edge").
+PAD_ZEROS = 0
+PAD_REFLECT = 1
+PAD_EDGE = 2
+
 DEFAULT_ALPHA = 0.01  # same default as ONNX LeakyRelu
 
 
@@ -140,6 +146,8 @@ TILE_GATHER = OpSpec(
         *_ACT_ATTRS,
         AttrSpec("src_layout", int, LAYOUT_NHWC, "cache layout: 0 NHWC [Hs,Ws,C], 1 NCHW [1,C,Hs,Ws]",
                  choices=(LAYOUT_NHWC, LAYOUT_NCHW)),
+        AttrSpec("pad_mode", int, PAD_ZEROS, "outside the upsampled source: 0 zeros, 1 reflect, 2 edge",
+                 choices=(PAD_ZEROS, PAD_REFLECT, PAD_EDGE)),
     ),
     doc="im2col rows of a conv's input read from new source tiles where they cover a pixel, "
     "else from the cache; zero outside the image; fused per-channel scale/shift and activation.",
@@ -335,10 +343,19 @@ def _paste_tiles(full: np.ndarray, tiles: np.ndarray, idx: np.ndarray, t: int) -
         full[y:y + hh, x:x + ww] = tiles[i, :hh, :ww]
 
 
+def reflect_coords(v: np.ndarray, n: int) -> np.ndarray:
+    """Reflect integer coordinates into ``[0, n)`` without repeating the border (period ``2n - 2``)."""
+    if n <= 1:
+        return np.zeros_like(v)
+    period = 2 * n - 2
+    r = np.abs(v) % period
+    return np.where(r >= n, period - r, r)
+
+
 def tile_gather_ref(tiles, cache, src_idx, dst_idx, scale=None, shift=None, *, src_tile: int,
                     tile: int, kernel: int, stride: int = 1, pad_top: int = 0, pad_left: int = 0,
                     upsample: int = 1, activation: int = ACT_IDENTITY, alpha: float = DEFAULT_ALPHA,
-                    src_layout: int = LAYOUT_NHWC) -> np.ndarray:
+                    src_layout: int = LAYOUT_NHWC, pad_mode: int = PAD_ZEROS) -> np.ndarray:
     """Return the TileGather output ``cols`` ``[n*t*t, k*k*C]`` (float32)."""
     cache = np.asarray(cache, dtype=np.float32)
     if src_layout == LAYOUT_NHWC:
@@ -366,8 +383,12 @@ def tile_gather_ref(tiles, cache, src_idx, dst_idx, scale=None, shift=None, *, s
     pk = np.arange(t)[:, None] * s + np.arange(k)[None, :]  # [t, k]: offset of (p, kk)
     ys = dst_idx[:, 0, None, None] * s - pad_top + pk[None]  # [n, t(py), k(ky)]
     xs = dst_idx[:, 1, None, None] * s - pad_left + pk[None]  # [n, t(px), k(kx)]
-    vy = (ys >= 0) & (ys < hs * u)
-    vx = (xs >= 0) & (xs < ws * u)
+    if pad_mode == PAD_REFLECT:
+        ys, xs = reflect_coords(ys, hs * u), reflect_coords(xs, ws * u)
+    elif pad_mode != PAD_EDGE and pad_mode != PAD_ZEROS:
+        raise ValueError(f"unknown pad_mode {pad_mode}")
+    vy = (ys >= 0) & (ys < hs * u) | (pad_mode != PAD_ZEROS)
+    vx = (xs >= 0) & (xs < ws * u) | (pad_mode != PAD_ZEROS)
     sy = np.clip(ys, 0, hs * u - 1) // u
     sx = np.clip(xs, 0, ws * u - 1) // u
     # vals[n, py, ky, px, kx, C]

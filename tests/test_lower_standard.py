@@ -66,7 +66,7 @@ def gather_case(draw):
         src_tile=ts, tile=t, kernel=k, stride=s, upsample=u,
         pad_top=draw(st.integers(0, 2)), pad_left=draw(st.integers(0, 2)),
         activation=draw(st.sampled_from([0, 1, 2, 3])), alpha=draw(st.sampled_from([0.01, 0.2])),
-        src_layout=draw(st.sampled_from([0, 1])),
+        src_layout=draw(st.sampled_from([0, 1])), pad_mode=draw(st.sampled_from([0, 0, 1, 2])),
     )
     src_idx = _pick(draw, _grid(hs, ws, ts))
     ho, wo = -(-hs * u // s), -(-ws * u // s)  # output size of a "same" conv on the upsampled source

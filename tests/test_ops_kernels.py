@@ -69,6 +69,7 @@ def gather_cases(draw):
     pad_top = draw(st.integers(0, k))
     pad_left = draw(st.integers(0, k))
     layout = draw(st.sampled_from([ops.LAYOUT_NHWC, ops.LAYOUT_NCHW]))
+    pad_mode = draw(st.sampled_from([ops.PAD_ZEROS, ops.PAD_ZEROS, ops.PAD_REFLECT, ops.PAD_EDGE]))
     act = draw(st.sampled_from([0, 1, 2, 3]))
     alpha = draw(st.sampled_from([0.01, 0.2]))
     has_scale, has_shift = draw(st.booleans()), draw(st.booleans())
@@ -90,7 +91,7 @@ def gather_cases(draw):
             shift=rng.standard_normal(c).astype(np.float32) if has_shift else None,
         ),
         attrs=dict(src_tile=ts, tile=t, kernel=k, stride=s, pad_top=pad_top, pad_left=pad_left,
-                   upsample=u, activation=act, alpha=alpha, src_layout=layout),
+                   upsample=u, activation=act, alpha=alpha, src_layout=layout, pad_mode=pad_mode),
     )
 
 

@@ -47,6 +47,19 @@ int main() {
   CHECK_EQ(gather_source(up, 2, 1, 2), 4);
   CHECK_EQ(gather_source(up, 4, 0, 2), -1);
   CHECK_EQ(gather_source(up, 0, 1, 1), 1);
+  // Reflect and edge padding on a 4-pixel extent, pad 2: coordinates -2..5 -> 2 1 0 1 2 3 2 1 / 0 0 0 1 2 3 3 3.
+  GatherGeometry refl{1, 2, 1, 4, kPadReflect};
+  GatherGeometry edge{1, 2, 1, 4, kPadEdge};
+  const int64_t want_reflect[8] = {2, 1, 0, 1, 2, 3, 2, 1};
+  const int64_t want_edge[8] = {0, 0, 0, 1, 2, 3, 3, 3};
+  for (int64_t kk = 0; kk < 8; ++kk) {
+    CHECK_EQ(gather_source(refl, 0, 0, kk), want_reflect[kk]);
+    CHECK_EQ(gather_source(edge, 0, 0, kk), want_edge[kk]);
+  }
+  // Reflection in the upsampled image (u = 2, 3 source pixels = 6 upsampled): -1 -> 1 -> pixel 0, 6 -> 4 -> 2.
+  GatherGeometry refl_up{1, 1, 2, 3, kPadReflect};
+  CHECK_EQ(gather_source(refl_up, 0, 0, 0), 0);
+  CHECK_EQ(gather_source(refl_up, 6, 0, 1), 2);
   if (failures) {
     std::fprintf(stderr, "%d failure(s)\n", failures);
     return 1;

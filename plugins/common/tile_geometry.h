@@ -67,13 +67,26 @@ SSIC_HD inline int64_t clipped_extent(int64_t corner, int64_t tile, int64_t exte
   return left < tile ? (left < 0 ? 0 : left) : tile;
 }
 
+// What a TileGather reads outside the (upsampled) source: zeros (a conv's padding), the mirror image
+// without repeating the border pixel (Pad mode "reflect"), or the border pixel (Pad mode "edge").
+enum PadMode : int64_t { kPadZeros = 0, kPadReflect = 1, kPadEdge = 2 };
+
 // Conv geometry of a TileGather: where output pixel (dst corner + p) reads kernel tap kk.
 struct GatherGeometry {
   int64_t stride;    // s
   int64_t pad;       // pad_top for rows, pad_left for columns
   int64_t upsample;  // u (nearest)
   int64_t extent;    // source extent Hs or Ws (before upsampling)
+  int64_t pad_mode = kPadZeros;
 };
+
+// Reflection of coordinate v into [0, n) without repeating the border (period 2n - 2).
+SSIC_HD inline int64_t reflect_coord(int64_t v, int64_t n) {
+  if (n <= 1) return 0;
+  const int64_t period = 2 * n - 2;
+  int64_t r = (v < 0 ? -v : v) % period;
+  return r >= n ? period - r : r;
+}
 
 // Coordinate in the upsampled source of output pixel `dst + p` and kernel tap `kk`:
 // (dst + p)*s - pad + kk. Valid when 0 <= value < extent*u.
@@ -82,9 +95,19 @@ SSIC_HD inline int64_t gather_coord(const GatherGeometry& g, int64_t dst, int64_
 }
 
 // Source pixel coordinate of an upsampled coordinate, or -1 when outside the image (zero padding).
+// Reflect/edge padding map outside coordinates into the upsampled image first.
 SSIC_HD inline int64_t gather_source(const GatherGeometry& g, int64_t dst, int64_t p, int64_t kk) {
-  const int64_t v = gather_coord(g, dst, p, kk);
-  if (v < 0 || v >= g.extent * g.upsample) return -1;
+  int64_t v = gather_coord(g, dst, p, kk);
+  const int64_t n = g.extent * g.upsample;
+  if (v < 0 || v >= n) {
+    if (g.pad_mode == kPadReflect) {
+      v = reflect_coord(v, n);
+    } else if (g.pad_mode == kPadEdge) {
+      v = v < 0 ? 0 : n - 1;
+    } else {
+      return -1;
+    }
+  }
   return v / g.upsample;
 }
 

@@ -108,8 +108,8 @@ void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<i
   const int64_t row_len = k * k * C;
   const bool nhwc = p.src_layout == 0;
   const int64_t plane = a.hs * a.ws;  // NCHW channel stride
-  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs};
-  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws};
+  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs, p.pad_mode};
+  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws, p.pad_mode};
   const ActArgs act = act_args(p.alpha);
   // One work item = one row py of one output tile i: t*k*k*C floats written contiguously.
   pfor(a.n * t, [&](int64_t begin, int64_t end) {

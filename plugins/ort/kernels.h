@@ -20,6 +20,7 @@ struct GatherParams {
   int64_t activation;
   float alpha;
   int64_t src_layout;  // 0 NHWC [Hs, Ws, C], 1 NCHW [1, C, Hs, Ws]
+  int64_t pad_mode;    // 0 zeros, 1 reflect, 2 edge (PadMode in tile_geometry.h)
 };
 
 struct GatherArgs {

@@ -178,11 +178,13 @@ struct TileGatherKernel {
     p.activation = r.get_int("activation", 0);
     p.alpha = r.get_float("alpha", 0.01f);
     p.src_layout = r.get_int("src_layout", 0);
+    p.pad_mode = r.get_int("pad_mode", 0);
     attr_error = r.error;
     if (attr_error.empty() && (p.src_tile < 1 || p.tile < 1 || p.kernel < 1 || p.stride < 1 || p.upsample < 1))
       attr_error = "src_tile, tile, kernel, stride and upsample must be >= 1";
     if (attr_error.empty() && (p.activation < 0 || p.activation > 3)) attr_error = "activation must be 0..3";
     if (attr_error.empty() && (p.src_layout != 0 && p.src_layout != 1)) attr_error = "src_layout must be 0 or 1";
+    if (attr_error.empty() && (p.pad_mode < 0 || p.pad_mode > 2)) attr_error = "pad_mode must be 0..2";
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<float>& cache,

@@ -138,7 +138,7 @@ def plan_sparse_resolutions(
     halos: dict[str, int] | None = None,
     default_halo: int | None = 1,
 ) -> SparsePlan:
-    """Choose the sparse resolutions: every conv output resolution with ``min(H, W) >= min_res``.
+    """Choose the sparse resolutions: every Conv/ConvTranspose output resolution with ``min(H, W) >= min_res``.
 
     ``min_res=None`` derives it from the graph (:func:`default_min_res`). ``tiles`` maps ``"HxW"`` to
     a tile size; unlisted resolutions get ``default_tile_size`` or :data:`DEFAULT_TILE`. ``halos``
@@ -148,7 +148,7 @@ def plan_sparse_resolutions(
     conv_res: set[tuple[int, int]] = set()
     largest = 0
     for node in model.graph:
-        if node.op_type == "Conv" and node.domain == "":
+        if node.op_type in ("Conv", "ConvTranspose") and node.domain == "":
             hw = spatial_hw(node.outputs[0])
             if hw is not None:
                 conv_res.add(hw)

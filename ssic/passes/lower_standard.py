@@ -13,7 +13,8 @@ TileGather (``tiles``, ``cache``, ``src_idx``, ``dst_idx``, [``scale``], [``shif
    (``src_idx[i] + offset[p]`` with a constant ``[ts*ts, 2]`` offset table);
 3. a flat index table ``[n, t, t, k, k]`` computed from ``dst_idx`` and two constant offset tables:
    ``Y = y0*s + (py*s + ky - pad_top)`` (same for X), in-image test against ``Hs*u x Ws*u``,
-   ``(Y // u) * Wp + X // u`` inside, ``Hp*Wp`` (the zero pixel) outside;
+   ``(Y // u) * Wp + X // u`` inside, ``Hp*Wp`` (the zero pixel) outside (``pad_mode`` reflect/edge first map
+   outside coordinates into the image, so no pixel is outside);
 4. ``Gather`` of rows, then ``x*scale + shift`` and the activation on the gathered rows; if there is a
    shift, out-of-image rows are zeroed again after the activation (every activation maps 0 to 0, so
    without a shift the zero pixel stays zero by itself);
@@ -30,7 +31,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.errors import SSICError
-from ssic.ops import ACT_IDENTITY, ACT_LEAKY_RELU, ACT_RELU, ACT_SWISH, DEFAULT_ALPHA
+from ssic.ops import ACT_IDENTITY, ACT_LEAKY_RELU, ACT_RELU, ACT_SWISH, DEFAULT_ALPHA, PAD_REFLECT, PAD_ZEROS
 
 DOMAIN = "ssic"
 
@@ -111,6 +112,7 @@ def lower_tile_gather(b: _Builder, node: ir.Node) -> ir.Value:
     s, u = int(a.get("stride", 1)), int(a.get("upsample", 1))
     pad_top, pad_left = int(a.get("pad_top", 0)), int(a.get("pad_left", 0))
     act, alpha = int(a.get("activation", ACT_IDENTITY)), float(a.get("alpha", DEFAULT_ALPHA))
+    pad_mode = int(a.get("pad_mode", PAD_ZEROS))
     tiles, cache, src_idx, dst_idx = node.inputs[:4]
     scale, shift = _input(node, 4), _input(node, 5)
 
@@ -141,12 +143,17 @@ def lower_tile_gather(b: _Builder, node: ir.Node) -> ir.Value:
         return b.op("And", [b.op("Greater", [v, b.i64(-1, "lo")]), b.op("Less", [v, b.i64(size, "hi")])])
 
     def source_coord(v: ir.Value, size: int) -> ir.Value:
-        clipped = b.op("Min", [b.op("Max", [v, b.i64(0, "lo")]), b.i64(size * u - 1, "hi")])
+        n = size * u
+        if pad_mode == PAD_REFLECT and n > 1:
+            r = b.op("Mod", [b.op("Abs", [v]), b.i64(2 * n - 2, "period")])
+            v = b.op("Where", [b.op("Less", [r, b.i64(n, "n")]), r, b.op("Sub", [b.i64(2 * n - 2, "period"), r])])
+        clipped = b.op("Min", [b.op("Max", [v, b.i64(0, "lo")]), b.i64(n - 1, "hi")])
         return b.op("Div", [clipped, b.i64(u, "upsample")]) if u > 1 else clipped
 
-    valid = b.op("And", [inside(ys, hs * u), inside(xs, ws * u)])
     flat = b.op("Add", [b.op("Mul", [source_coord(ys, hs), b.i64(wp, "wp")]), source_coord(xs, ws)])
-    flat = b.op("Where", [valid, flat, b.i64(hp * wp, "zero_pixel")])
+    if pad_mode == PAD_ZEROS:
+        valid = b.op("And", [inside(ys, hs * u), inside(xs, ws * u)])
+        flat = b.op("Where", [valid, flat, b.i64(hp * wp, "zero_pixel")])
 
     # 4. gather rows [n*t*t*k*k, C], per-channel affine, activation.
     rows = b.op("Gather", [src, b.op("Reshape", [flat, b.i64([-1])])], axis=0)
@@ -155,7 +162,7 @@ def lower_tile_gather(b: _Builder, node: ir.Node) -> ir.Value:
     if shift is not None:
         rows = b.op("Add", [rows, shift])
     rows = b.activation(rows, act, alpha)
-    if shift is not None:
+    if shift is not None and pad_mode == PAD_ZEROS:
         # act(shift) need not be 0: zero the out-of-image (conv padding) rows again.
         keep = b.op("Reshape", [valid, b.i64([-1, 1])])
         zero = b.const(np.zeros((1, 1), np.float32), "zero")

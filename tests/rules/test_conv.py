@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from tests.rules.harness import (
@@ -60,3 +61,58 @@ def test_refused_conv_says_why():
     assert [d.sparse for d in result.decisions] == [True, False]
     assert result.decisions[1].reason == "weights are not a constant 2-D kernel"
     assert result.decisions[1].channels == (8, 4)
+
+
+@pytest.mark.parametrize("variant", ["grouped", "depthwise", "dilated", "same_upper", "same_lower_s2"])
+def test_conv_variants_sparse_and_exact(tmp_path, variant):
+    """Grouped, depthwise, dilated and auto_pad SAME convs run on tiles; exact mode equals dense."""
+    rng = np.random.default_rng(3)
+    c = 8
+    attrs, k, group, out_hw = {"pads": [1, 1, 1, 1]}, 3, 1, H
+    if variant == "grouped":
+        group = 2
+    elif variant == "depthwise":
+        group = c
+    elif variant == "dilated":
+        attrs = {"pads": [2, 2, 2, 2], "dilations": [2, 2]}
+    elif variant == "same_upper":
+        attrs, k = {"auto_pad": "SAME_UPPER"}, 4
+    elif variant == "same_lower_s2":
+        attrs, out_hw = {"auto_pad": "SAME_LOWER", "strides": [2, 2]}, H // 2
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["a", "b_w", "b_b"], ["b"], group=group, **attrs),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Conv", ["br", "c_w", "c_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", c, 3, 3) | conv_params(rng, "b", c, c, k, group) | conv_params(rng, "c", 3, c, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, out_hw, out_hw]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    assert all(d.sparse for d in result.decisions), [(d.node, d.reason) for d in result.decisions]
+    ops = op_counts(sparse)
+    assert ops["Conv"] == 0 and ops["TileScatter"] == 1
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.8
+
+
+@pytest.mark.parametrize("k,s,p,op", [(4, 2, 1, 0), (2, 2, 0, 0), (3, 2, 1, 1)])
+def test_conv_transpose_sparse_and_exact(tmp_path, k, s, p, op):
+    """ConvTranspose (pix2pix's decoder) runs on tiles, one MatMul per output phase; exact == dense."""
+    rng = np.random.default_rng(4)
+    c, h = 8, H // 2
+    out = (h - 1) * s + k - 2 * p + op
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("ConvTranspose", ["a", "t_w", "t_b"], ["t"], strides=[s, s], pads=[p, p, p, p],
+                              output_padding=[op, op]),
+             helper.make_node("Relu", ["t"], ["tr"]),
+             helper.make_node("Conv", ["tr", "c_w", "c_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", c, 3, 3) | conv_params(rng, "c", 3, c, 3)
+    inits |= {"t_w": (rng.standard_normal((c, c, k, k)) / np.sqrt(c * k * k)).astype(np.float32),
+              "t_b": (0.1 * rng.standard_normal(c)).astype(np.float32)}
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, out, out]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    kinds = {d.kind: d for d in result.decisions}
+    assert kinds[f"T{k}x{k}/s{s}"].sparse, kinds
+    ops = op_counts(sparse)
+    assert ops["ConvTranspose"] == 0 and ops["TileScatter"] == 1
+    assert ops["MatMul"] == 2 + s * s  # two convs, one MatMul per phase
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.8

@@ -68,3 +68,21 @@ def test_torchscript_group_norm_pattern(tmp_path):
     assert len(result.gn_stats) == 1 and result.gn_stats[0].num_groups == g
     sess, _ = compile_and_load(m, tmp_path, sparse_min_res=16, tile=2)
     assert_edits_match_dense(sess, "x", [1, 3, H, W], all_tiles=True, atol=2e-4, seeds=(0,))
+
+
+def test_instance_norm_on_tiles(tmp_path):
+    """InstanceNormalization of a [1, C, H, W] tile value: incremental statistics, no full tensor."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("InstanceNormalization", ["a", "s", "b"], ["n"], epsilon=1e-5),
+             helper.make_node("Relu", ["n"], ["r"]),
+             helper.make_node("Conv", ["r", "b_w", "b_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", C, 3, 3) | conv_params(rng, "b", 4, C, 3)
+    inits |= {"s": rng.uniform(0.5, 1.5, C).astype(np.float32), "b": rng.uniform(-0.2, 0.2, C).astype(np.float32)}
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 4, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    assert ops["InstanceNormalization"] == 0 and ops["TileScatter"] == 1 and result.dense_ops == []
+    assert result.gn_stats[0].num_groups == C
+    sess, _ = compile_and_load(m, tmp_path, sparse_min_res=16, tile=2)
+    assert_edits_match_dense(sess, "x", [1, 3, H, W], all_tiles=True, atol=2e-4, seeds=(0, 1))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import helper
 
 from tests.rules.harness import (
@@ -52,3 +53,78 @@ def test_resampling_structure():
 def test_resampling_exact_equals_dense(tmp_path):
     sess, _ = compile_and_load(resample_net(), tmp_path, exact=True, sparse_min_res=16, tile=2)
     assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.7
+
+
+@pytest.mark.parametrize("mode", ["CRD", "DCR"])
+def test_depth_to_space_folds_into_the_next_conv(tmp_path, mode):
+    """conv/s2 -> conv -> DepthToSpace(2) -> conv: the shuffle is read by the next gather (no full tensor),
+    and its receptive field keeps exact mode sparse and exact."""
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["a", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["b"], ["d"], blocksize=2, mode=mode),
+             helper.make_node("Conv", ["d", "c_w", "c_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 16, 8, 3) | conv_params(rng, "c", 3, 4, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    assert all(d.sparse for d in result.decisions) and "DepthToSpace x2 folded" in result.decisions[2].reason
+    assert ops["DepthToSpace"] == 0 and ops["TileScatter"] == 1 and result.dense_ops == []
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W])) < 0.5
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
+    sess.prime({"x": x})
+    edited = x.copy()
+    edited[:, :, 10:13, 18:21] += 1.0
+    got = sess.edit({"x": edited}, mode="sparse")["y"]
+    np.testing.assert_allclose(got, sess.dense({"x": edited})["y"], atol=1e-4, rtol=0)
+    assert sess.last.active_fraction < 0.2
+
+
+def test_depth_to_space_with_other_consumers_is_materialised(tmp_path):
+    """DepthToSpace read by an activation and by the graph output: computed once, dense, still exact."""
+    rng = np.random.default_rng(11)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Conv", ["a", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("DepthToSpace", ["b"], ["d"], blocksize=2, mode="CRD"),
+             helper.make_node("LeakyRelu", ["d"], ["dl"], alpha=0.2),
+             helper.make_node("Conv", ["dl", "c_w", "c_b"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Add", ["c", "d"], ["y"])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 16, 8, 3) | conv_params(rng, "c", 4, 4, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 4, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    assert all(d.sparse for d in result.decisions)
+    assert op_counts(sparse)["DepthToSpace"] == 1
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0, 1))
+
+
+@pytest.mark.parametrize("mode,lowering", [("reflect", "fused"), ("edge", "fused"), ("reflect", "standard")])
+def test_reflect_and_edge_pad_fold_into_the_gather(tmp_path, mode, lowering):
+    """conv -> Pad(reflect|edge, 1) -> conv (pad 0) -> ReLU -> Pad -> conv: no full tensor, exact == dense."""
+    rng = np.random.default_rng(8)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Pad", ["a", "pads"], ["ap"], mode=mode),
+             helper.make_node("Conv", ["ap", "b_w", "b_b"], ["b"]),
+             helper.make_node("Relu", ["b"], ["br"]),
+             helper.make_node("Pad", ["br", "pads"], ["bp"], mode=mode),
+             helper.make_node("Conv", ["bp", "c_w", "c_b"], ["y"])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 8, 8, 3) | conv_params(rng, "c", 3, 8, 3)
+    inits["pads"] = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    assert ops["Pad"] == 0 and ops["TileScatter"] == 1 and result.dense_ops == []
+    modes = sorted(n.attributes["pad_mode"].value for n in sparse.graph
+                   if n.op_type == "TileGather" and "pad_mode" in n.attributes)
+    assert modes == [1 if mode == "reflect" else 2] * 2
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2, lowering=lowering)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0, 1))) < 0.7
+    # an edit at the border: the reflected pixels change too
+    x = np.random.default_rng(9).standard_normal((1, 3, H, W)).astype(np.float32)
+    sess.prime({"x": x})
+    edited = x.copy()
+    edited[:, :, 0:2, 10:13] += 1.0
+    np.testing.assert_allclose(sess.edit({"x": edited}, mode="sparse")["y"], sess.dense({"x": edited})["y"],
+                               atol=1e-4, rtol=0)

@@ -34,6 +34,7 @@ struct GatherParams {
   float alpha;
   int32_t layout;             // kNHWC: cache [Hs, Ws, C]; kNCHW: [1, C, Hs, Ws]
   int64_t m, n;
+  int64_t pad_mode;           // PadMode (tile_geometry.h): 0 zeros, 1 reflect, 2 edge
 };
 
 struct ScatterParams {
@@ -64,8 +65,8 @@ SSIC_HD inline float gather_element(const GatherParams& p, const float* tiles, c
   const int64_t py = r / p.tile, px = r % p.tile;
   const int64_t tap = col / p.c, ch = col % p.c;
   const int64_t ky = tap / p.kernel, kx = tap % p.kernel;
-  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, p.hs};
-  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, p.ws};
+  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, p.hs, p.pad_mode};
+  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, p.ws, p.pad_mode};
   const int64_t sy = gather_source(gy, static_cast<int64_t>(dst_idx[2 * i]), py, ky);
   const int64_t sx = gather_source(gx, static_cast<int64_t>(dst_idx[2 * i + 1]), px, kx);
   if (sy < 0 || sx < 0) return 0.f;  // zero padding, before scale/shift/activation

@@ -13,6 +13,7 @@ const std::vector<AttrSpec>& TileGatherPlugin::attrSpecs() {
       {"stride", false, 1, false},   {"pad_top", false, 0, false}, {"pad_left", false, 0, false},
       {"upsample", false, 1, false}, {"activation", false, 0, false}, {"alpha", true, 0.01, false},
       {"src_layout", false, 0, false}, {"has_scale", false, 0, false}, {"has_shift", false, 0, false},
+      {"pad_mode", false, 0, false},
   };
   return specs;
 }
@@ -22,8 +23,9 @@ bool TileGatherPlugin::validate(const Attrs& a, std::string& err) {
     err = "src_tile, tile, kernel, stride and upsample must be >= 1";
     return false;
   }
-  if (a.i(kActivation) < 0 || a.i(kActivation) > 3 || (a.i(kSrcLayout) != kNHWC && a.i(kSrcLayout) != kNCHW)) {
-    err = "activation must be 0..3 and src_layout 0 or 1";
+  if (a.i(kActivation) < 0 || a.i(kActivation) > 3 || (a.i(kSrcLayout) != kNHWC && a.i(kSrcLayout) != kNCHW) ||
+      a.i(kPadMode) < 0 || a.i(kPadMode) > 2) {
+    err = "activation must be 0..3, src_layout 0 or 1 and pad_mode 0..2";
     return false;
   }
   return true;
@@ -83,6 +85,7 @@ int32_t TileGatherPlugin::enqueue(const PluginTensorDesc* inputDesc, const Plugi
   p.activation = static_cast<int32_t>(mAttrs.i(kActivation));
   p.alpha = mAttrs.f(kAlpha);
   p.layout = static_cast<int32_t>(mAttrs.i(kSrcLayout));
+  p.pad_mode = mAttrs.i(kPadMode);
   p.m = inputDesc[kSrcIdx].dims.d[0];
   p.n = inputDesc[kDstIdx].dims.d[0];
   int32_t next = 4;

@@ -13,7 +13,7 @@ class TileGatherPlugin : public SsicPlugin<TileGatherPlugin> {
  public:
   static constexpr const char* kName = "TileGather";
   enum Attr : size_t { kSrcTile, kTile, kKernel, kStride, kPadTop, kPadLeft, kUpsample, kActivation, kAlpha,
-                       kSrcLayout, kHasScale, kHasShift };
+                       kSrcLayout, kHasScale, kHasShift, kPadMode };
   enum Input : int32_t { kTiles = 0, kCache = 1, kSrcIdx = 2, kDstIdx = 3 };
 
   static const std::vector<AttrSpec>& attrSpecs();

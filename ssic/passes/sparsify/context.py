@@ -14,7 +14,15 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from ssic.ops import ACT_IDENTITY, ACT_LEAKY_RELU, ACT_RELU, ACT_SWISH, LAYOUT_NCHW, LAYOUT_NHWC
+from ssic.ops import (
+    ACT_IDENTITY,
+    ACT_LEAKY_RELU,
+    ACT_RELU,
+    ACT_SWISH,
+    LAYOUT_NCHW,
+    LAYOUT_NHWC,
+    PAD_ZEROS,
+)
 from ssic.passes.analysis import ConvDecision, Grid, SparsePlan, spatial_hw, static_shape
 from ssic.passes.sparsify.values import DenseValue, LazyResample, Rep, TileValue
 
@@ -254,14 +262,17 @@ class SparsifyContext:
         return t.with_epilogue(act=act, alpha=alpha)
 
     def gather(self, source: Rep, grid: Grid, *, kernel: int, stride: int, pads: tuple[int, int], upsample: int,
-               channels: int, hint: str) -> ir.Value:
+               channels: int, hint: str, pad_mode: int = PAD_ZEROS) -> ir.Value:
         """``ssic::TileGather`` im2col rows ``[n*t*t, k*k*C]`` of ``source`` for the output tiles of ``grid``.
 
         ``source`` is a :class:`DenseValue` (read in full, NCHW) or a :class:`TileValue` with a cache
         base or a dense source (see :meth:`Rep.gather_source`); its pending epilogue is fused.
+        ``pad_mode`` says what is read outside the (upsampled) source: zeros, reflection or edge.
         """
         attrs = {"tile": grid.tile, "kernel": kernel, "stride": stride, "pad_top": pads[0], "pad_left": pads[1],
                  "upsample": upsample, "activation": ACT_IDENTITY, "alpha": 0.0}
+        if pad_mode != PAD_ZEROS:
+            attrs["pad_mode"] = pad_mode
         if isinstance(source, DenseValue):
             epi = None
             inputs = [self.empty_tiles(channels), source.value, self.empty_idx(), self.tiles_input(grid)]

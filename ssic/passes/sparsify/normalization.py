@@ -1,4 +1,4 @@
-"""Normalisation rules: GroupNormalization, TorchScript's GroupNorm pattern, BatchNormalization.
+"""Normalisation rules: GroupNormalization, InstanceNormalization, TorchScript's GroupNorm pattern, BatchNorm.
 
 GroupNorm in the sparse region becomes a per-channel ``x*scale + shift`` pending on the tile value.
 By default (``gn_stats="incremental"``) the statistics are corrected with the new tiles: the prime
@@ -111,6 +111,25 @@ class GroupNormRule(Rule):
         group_norm(ctx, node.name, x, node.outputs[0], groups, node.attributes.get_float("epsilon", 1e-5), gamma, beta)
 
 
+class InstanceNormRule(Rule):
+    """``InstanceNormalization`` of a ``[1, C, H, W]`` tile value: GroupNorm with one channel per group."""
+
+    op_types = ("InstanceNormalization",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        shape = static_shape(node.inputs[0])
+        if shape is None or len(shape) != 4 or const_array(node.inputs[1]) is None \
+                or const_array(node.inputs[2]) is None:
+            return Refusal("input not [1, C, H, W] or scale/bias not constant")
+        return _tile_input_refusal(ctx, node.inputs[0])
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        x = node.inputs[0]
+        c = static_shape(x)[1]
+        group_norm(ctx, node.name, x, node.outputs[0], c, node.attributes.get_float("epsilon", 1e-5),
+                   const_array(node.inputs[1]).reshape(c), const_array(node.inputs[2]).reshape(c))
+
+
 class InstanceNormGroupNormRule(Rule):
     """``Reshape([1,G,-1]) -> InstanceNormalization -> Reshape([1,C,H,W])``: GroupNorm as TorchScript exports it."""
 
@@ -173,4 +192,5 @@ class BatchNormRule(PointwiseRule):
 
 register(GroupNormRule())
 register(InstanceNormGroupNormRule())
+register(InstanceNormRule())
 register(BatchNormRule())

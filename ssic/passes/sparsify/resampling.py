@@ -10,11 +10,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from ssic.ops import PAD_EDGE, PAD_REFLECT, PAD_ZEROS
 from ssic.passes.analysis import spatial_hw, static_shape
 from ssic.passes.sparsify.context import SparsifyContext, const_array
 from ssic.passes.sparsify.conv import window_mask
 from ssic.passes.sparsify.rule import ALL, MaskGraph, Refusal, Rule, register
-from ssic.passes.sparsify.values import LazyResample, TileValue
+from ssic.passes.sparsify.values import DenseValue, LazyResample, LazyShuffle, TileValue
 
 
 class ResizeRule(Rule):
@@ -48,7 +49,7 @@ class ResizeRule(Rule):
         if (ctm != "asymmetric" or nearest != "floor") and not (
                 ctm in ("half_pixel", "pytorch_half_pixel") and nearest == "round_prefer_ceil"):
             return Refusal(f"nearest resize with {ctm}/{nearest} is not a pixel repeat")
-        if isinstance(ctx.rep(x), LazyResample):
+        if not isinstance(ctx.rep(x), (TileValue, DenseValue)):
             return Refusal("resize of an already resampled value")
         return None
 
@@ -89,7 +90,7 @@ class AveragePoolRule(Rule):
         if len(kernel) != 2 or kernel[0] != kernel[1] or any(pads) or node.attributes.get_int("ceil_mode", 0) \
                 or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "") or len(set(strides)) != 1:
             return Refusal("only square, unpadded average pools")
-        if isinstance(ctx.rep(node.inputs[0]), LazyResample):
+        if not isinstance(ctx.rep(node.inputs[0]), TileValue):
             return Refusal("average pool of a resampled value")
         return None
 
@@ -113,8 +114,11 @@ def _pad_amounts(node: ir.Node) -> list[int] | None:
     return None if pads is None else [int(p) for p in pads]
 
 
+PAD_MODES = {"constant": PAD_ZEROS, "reflect": PAD_REFLECT, "edge": PAD_EDGE}
+
+
 class PadRule(Rule):
-    """Zero ``Pad`` of the spatial axes of a tile value: folded into the next gather."""
+    """Zero, reflect or edge ``Pad`` of the spatial axes of a tile value: folded into the next gather."""
 
     op_types = ("Pad",)
 
@@ -122,8 +126,11 @@ class PadRule(Rule):
         if not isinstance(ctx.rep(node.inputs[0]), TileValue):
             return Refusal("pad of a value that is not a tile value")
         mode = node.attributes.get_string("mode", "constant")
-        if mode != "constant":
+        if mode not in PAD_MODES:
             return Refusal(f"{mode} padding")
+        hw = spatial_hw(node.inputs[0])
+        if mode == "reflect" and (hw is None or max(_pad_amounts(node) or [0]) >= min(hw)):
+            return Refusal("reflect padding as large as the image")
         pads = _pad_amounts(node)
         cval = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
         axes = node.inputs[3] if len(node.inputs) > 3 else None
@@ -136,18 +143,73 @@ class PadRule(Rule):
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
         pads = _pad_amounts(node)
         ctx.set_rep(node.outputs[0], LazyResample(ctx.rep(node.inputs[0]), node.inputs[0], pad_top=pads[2],
-                                                  pad_left=pads[3]))
+                                                  pad_left=pads[3],
+                                                  pad_mode=PAD_MODES[node.attributes.get_string("mode", "constant")]))
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
         m = masks.of(node.inputs[0])
         p = _pad_amounts(node)
-        if m is None or spatial_hw(node.outputs[0]) is None or p is None or len(p) != 8 \
-                or node.attributes.get_string("mode", "constant") != "constant" \
+        mode = node.attributes.get_string("mode", "constant")
+        if m is None or spatial_hw(node.outputs[0]) is None or p is None or len(p) != 8 or mode not in PAD_MODES \
                 or (len(node.inputs) > 3 and node.inputs[3] is not None):
             return ALL
-        return masks.op("Pad", [m, masks.const(np.array([0, 0, p[2], p[3], 0, 0, p[6], p[7]], np.int64))])
+        pads = masks.const(np.array([0, 0, p[2], p[3], 0, 0, p[6], p[7]], np.int64))
+        if mode == "constant":
+            return masks.op("Pad", [m, pads])
+        return masks.op("Pad", [m, pads], mode=mode)  # a changed pixel is mirrored/repeated into the border
+
+
+class DepthToSpaceRule(Rule):
+    """``DepthToSpace`` (PixelShuffle) of a tile value: a :class:`LazyShuffle` the next conv's gather folds.
+
+    Any other consumer reads it materialised (a dense DepthToSpace of the scattered input). Output
+    pixel ``(Y, X)`` comes from input pixel ``(Y // b, X // b)``: the change mask is upsampled by the
+    block size.
+    """
+
+    op_types = ("DepthToSpace",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        if not isinstance(ctx.rep(node.inputs[0]), TileValue):
+            return Refusal("DepthToSpace of a value that is not a tile value")
+        if static_shape(node.inputs[0]) is None or spatial_hw(node.outputs[0]) is None:
+            return Refusal("DepthToSpace shapes unknown")
+        if node.attributes.get_string("mode", "DCR") not in ("DCR", "CRD"):
+            return Refusal("unknown DepthToSpace mode")
+        return None
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        x = node.inputs[0]
+        ctx.set_rep(node.outputs[0], LazyShuffle(ctx.rep(x), x, node.attributes.get_int("blocksize", 1),
+                                                 node.attributes.get_string("mode", "DCR") == "CRD"))
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        m = masks.of(node.inputs[0])
+        out_hw = spatial_hw(node.outputs[0])
+        if m is None or out_hw is None:
+            return ALL
+        return masks.op("Resize", [m, "", "", masks.const(np.array([1, 1, *out_hw], np.int64))], mode="nearest",
+                        coordinate_transformation_mode="asymmetric", nearest_mode="floor")
+
+
+class SpaceToDepthRule(Rule):
+    """``SpaceToDepth`` runs dense; an output pixel depends on one b x b block of the input."""
+
+    op_types = ("SpaceToDepth",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        return Refusal("SpaceToDepth runs dense")
+
+    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
+        m = masks.of(node.inputs[0])
+        b = node.attributes.get_int("blocksize", 0)
+        if m is None or b < 1 or spatial_hw(node.outputs[0]) is None:
+            return ALL
+        return masks.op("MaxPool", [m], kernel_shape=[b, b], strides=[b, b])
 
 
 register(ResizeRule())
 register(AveragePoolRule())
 register(PadRule())
+register(DepthToSpaceRule())
+register(SpaceToDepthRule())

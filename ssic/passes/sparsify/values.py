@@ -6,8 +6,8 @@ Every value the rewrite has seen has exactly one representation:
   layers, anything an op rule refused);
 - :class:`TileValue`: a ``[n*t*t, C]`` tile tensor on a grid (``docs/architecture.md``), plus a
   pending per-channel epilogue ``act(x*scale + shift)`` that the next gather fuses;
-- :class:`LazyResample`: a nearest upsample or zero pad of a dense or tile value, folded into the next
-  gather's index arithmetic instead of being computed.
+- :class:`LazyResample`: a nearest upsample or a (zero, reflect or edge) pad of a dense or tile value,
+  folded into the next gather's index arithmetic instead of being computed.
 
 The methods say what each kind can do (become tiles on a grid, be gathered from, take a per-channel
 map); the graph-building work is done by :class:`ssic.passes.sparsify.context.SparsifyContext`.
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 
-from ssic.ops import ACT_IDENTITY
+from ssic.ops import ACT_IDENTITY, PAD_ZEROS
 from ssic.passes.analysis import Grid, spatial_hw, static_shape
 
 if TYPE_CHECKING:
@@ -118,13 +118,14 @@ class TileValue(Rep):
 
 @dataclass(frozen=True, eq=False)
 class LazyResample(Rep):
-    """``value = pad(upsample(source))`` (nearest, zero pad): index arithmetic for the next gather."""
+    """``value = pad(upsample(source))`` (nearest; pad mode ``ssic.ops.PAD_*``): index arithmetic for the next gather."""
 
     source: DenseValue | TileValue
     source_value: ir.Value  # the model value ``source`` represents
     upsample: int = 1
     pad_top: int = 0
     pad_left: int = 0
+    pad_mode: int = PAD_ZEROS
 
     @property
     def padded(self) -> bool:
@@ -159,3 +160,25 @@ class LazyResample(Rep):
         if src.dense_source is None:
             src = src.gather_source(ctx, self.source_value)
         return LazyResample(fn(src), self.source_value, upsample=self.upsample)
+
+
+@dataclass(frozen=True, eq=False)
+class LazyShuffle(Rep):
+    """``value = DepthToSpace(source, block)``: the next conv's gather reads the source upsampled by the
+    block and keeps, per output phase, the channel block that lands on each pixel (no full tensor)."""
+
+    source: DenseValue | TileValue
+    source_value: ir.Value
+    block: int
+    crd: bool  # DepthToSpace mode CRD (PixelShuffle); DCR otherwise
+
+    def tileable_on(self, grid: Grid) -> bool:
+        return False
+
+    def channel_map_refusal(self) -> str | None:
+        return "a per-channel map after DepthToSpace is not folded"
+
+    def source_channel(self, i: int, j: int, c: int, channels: int) -> int:
+        """Source channel of output channel ``c`` at sub-pixel ``(i, j)`` of a block."""
+        r = self.block
+        return c * r * r + i * r + j if self.crd else (i * r + j) * channels + c
