@@ -31,7 +31,15 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.errors import SSICError
-from ssic.ops import ACT_IDENTITY, ACT_LEAKY_RELU, ACT_RELU, ACT_SWISH, DEFAULT_ALPHA, PAD_REFLECT, PAD_ZEROS
+from ssic.ops import (
+    ACT_IDENTITY,
+    ACT_LEAKY_RELU,
+    ACT_RELU,
+    ACT_SWISH,
+    DEFAULT_ALPHA,
+    PAD_REFLECT,
+    PAD_ZEROS,
+)
 
 DOMAIN = "ssic"
 
