@@ -154,7 +154,7 @@ def patch_manifest(art: Path, fn) -> None:
 # ---------------------------------------------------------------------------- --help
 
 
-COMMANDS = ["export", "compile", "inspect", "edit", "bench", "verify", "demo"]
+COMMANDS = ["export", "compile", "inspect", "edit", "bench", "verify", "demo", "serve", "export-triton"]
 
 
 @pytest.fixture(scope="module")

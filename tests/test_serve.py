@@ -236,7 +236,7 @@ def test_export_triton_runs_like_the_session(tiny_artefact, tmp_path):
     res = export_triton(art, tmp_path / "repo")
     cfg = parse_config((tmp_path / "repo" / "ssic_session" / "config.pbtxt").read_text())
     sess = ssic.load(art, threads=1)
-    caches = sess.manifest["caches"]
+    caches = [c.model_dump() for c in sess.manifest.caches]
     assert res["states"] == len(caches) == len(cfg.sequence_batching.state)
     st = cfg.sequence_batching.state[0]
     assert st.input_name == caches[0]["name"] and st.output_name == caches[0]["name"] + ".next"

@@ -39,13 +39,20 @@ weights, GroupNorm affine near 1/0; the global torch RNG is left as it was). Loa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
 
 from ssic.errors import SSICError
+from ssic.models.sd_config import (  # noqa: F401 - re-exported
+    CONTEXT_LENGTH,
+    SCALING_FACTOR,
+    SD_PRESETS,
+    SDPreset,
+    check_preset,
+    unet_config,
+    vae_config,
+)
 
 __all__ = [
     "SD_MODEL_NAMES",
@@ -66,82 +73,8 @@ __all__ = [
 ]
 
 SD_MODEL_NAMES: tuple[str, ...] = ("sd-unet", "sd-vae-decoder", "sd-vae-encoder")
-SCALING_FACTOR = 0.18215
-CONTEXT_LENGTH = 77  # CLIP's token count in SD 1.x
-
-
-@dataclass(frozen=True)
-class SDPreset:
-    """Configs of one preset: diffusers keyword arguments for the UNet and the VAE, default sizes."""
-
-    unet: dict
-    vae: dict
-    unet_latent: int  # default latent side of the UNet (image side / 8)
-    vae_latent: int  # default latent side of the VAE decoder/encoder
-
-
-SD_PRESETS: dict[str, SDPreset] = {
-    # diffusers' UNet2DConditionModel defaults are SD 1.x's; the values are spelled out so that a
-    # change of diffusers' defaults cannot change the model silently.
-    "full": SDPreset(
-        unet=dict(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280),
-            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
-                              "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5,
-            flip_sin_to_cos=True, freq_shift=0, act_fn="silu", use_linear_projection=False,
-        ),
-        vae=dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32, act_fn="silu",
-            scaling_factor=SCALING_FACTOR,
-        ),
-        unet_latent=64, vae_latent=64,
-    ),
-    "tiny": SDPreset(
-        unet=dict(
-            sample_size=32, in_channels=4, out_channels=4, layers_per_block=1,
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, norm_eps=1e-5,
-            flip_sin_to_cos=True, freq_shift=0, act_fn="silu", use_linear_projection=False,
-        ),
-        vae=dict(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=128,
-            block_out_channels=(16, 16, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8, act_fn="silu",
-            scaling_factor=SCALING_FACTOR,
-        ),
-        unet_latent=32, vae_latent=16,
-    ),
-}
-
-
-def _check(name: str, preset: str) -> None:
-    if name not in SD_MODEL_NAMES:
-        raise SSICError(f"unknown model {name!r}: choose one of {', '.join(SD_MODEL_NAMES)}")
-    if preset not in SD_PRESETS:
-        raise SSICError(f"unknown preset {preset!r}: choose one of {', '.join(SD_PRESETS)}")
-
-
-def unet_config(preset: str) -> dict:
-    """diffusers ``UNet2DConditionModel`` keyword arguments of ``preset``."""
-    _check("sd-unet", preset)
-    return dict(SD_PRESETS[preset].unet)
-
-
-def vae_config(preset: str) -> dict:
-    """diffusers ``AutoencoderKL`` keyword arguments of ``preset``."""
-    _check("sd-vae-decoder", preset)
-    return dict(SD_PRESETS[preset].vae)
-
-
 def _seeded(build, name: str, seed: int) -> nn.Module:
-    from ssic.models.presets import initialize
+    from ssic.models.init_weights import initialize
 
     with torch.random.fork_rng(devices=[]):  # diffusers initialises with the global RNG
         torch.manual_seed(int(seed))
@@ -220,7 +153,7 @@ def build_sd_model(name: str, preset: str = "tiny", seed: int = 0, weights: str 
     """The exportable module of ``name`` at ``preset``: seeded weights, or ``weights`` loaded from a
     diffusers directory/safetensors or a CompVis ``.ckpt``/``.safetensors`` (see
     :mod:`ssic.models.sd_checkpoints`). Eval mode."""
-    _check(name, preset)
+    check_preset(name, preset)
     if weights is not None:
         from ssic.models.sd_checkpoints import load_sd_weights
 
@@ -271,7 +204,7 @@ def sd_example_inputs(name: str, preset: str = "tiny", seed: int = 0, size: tupl
     ``[0, 1000)``), ``encoder_hidden_states`` N(0,1) ``[B,77,D]``; ``sd-vae-decoder``: ``latent``
     N(0,1) ``[1,4,H/8,W/8]``; ``sd-vae-encoder``: ``image`` uniform in [-1,1] ``[1,3,H,W]``.
     """
-    _check(name, preset)
+    check_preset(name, preset)
     if batch not in (1, 2):
         raise SSICError(f"--batch must be 1 or 2 (2 = classifier-free guidance), got {batch}")
     if batch != 1 and name != "sd-unet":
@@ -296,12 +229,12 @@ def sd_example_inputs(name: str, preset: str = "tiny", seed: int = 0, size: tupl
 
 def sd_input_names(name: str) -> list[str]:
     """ONNX input names of ``name``."""
-    _check(name, "tiny")
+    check_preset(name, "tiny")
     return {"sd-unet": ["sample", "timestep", "encoder_hidden_states"], "sd-vae-decoder": ["latent"],
             "sd-vae-encoder": ["image"]}[name]
 
 
 def sd_output_names(name: str) -> list[str]:
     """ONNX output names of ``name``."""
-    _check(name, "tiny")
+    check_preset(name, "tiny")
     return {"sd-unet": ["out_sample"], "sd-vae-decoder": ["image"], "sd-vae-encoder": ["latent"]}[name]

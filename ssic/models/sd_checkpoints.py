@@ -243,7 +243,7 @@ def _build_empty(kind: str, preset: str) -> nn.Module:
     would take seconds and 3.4 GB just to be overwritten); ``load_state_dict(assign=True)`` fills it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from ssic.models.sd import unet_config, vae_config
+    from ssic.models.sd_config import unet_config, vae_config
 
     with torch.device("meta"):
         return UNet2DConditionModel(**unet_config(preset)) if kind == "unet" else AutoencoderKL(**vae_config(preset))
