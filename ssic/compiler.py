@@ -269,7 +269,7 @@ def load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]]
     """
     from ssic.passes.normalize import load_model as normalize_load
 
-    if Path(model_path).is_file() and _has_external_data(Path(model_path)):
+    if Path(model_path).is_file() and _external_bytes(Path(model_path)) > LAZY_WEIGHTS_BYTES:
         # weights in external data (models over 2 GB): keep them on disk, referenced by absolute path;
         # the artefact's graphs then share one linked copy (see _save)
         from ssic.external_data import load_lazily
@@ -280,15 +280,22 @@ def load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]]
     return normalize_load(model_path, input_shapes=input_shapes, require_static=require_static)
 
 
-def _has_external_data(path: Path) -> bool:
-    """Whether an ONNX file keeps tensors in external data files (read without loading any weight)."""
-    from onnx.external_data_helper import uses_external_data
+#: Models with more external weight bytes than this (protobuf's 2 GB limit, with room for the graph)
+#: are compiled with their weights left on disk: no opset conversion or constant folding (those
+#: need the weights in memory), shapes inferred by path. Smaller ones take the full normalisation.
+LAZY_WEIGHTS_BYTES = 1_800_000_000
+
+
+def _external_bytes(path: Path) -> int:
+    """Bytes of the external data files an ONNX file references (0 if none; no weight is read)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception:  # noqa: BLE001 - the loader that follows reports unreadable files
-        return False
-    return any(uses_external_data(t) for t in proto.graph.initializer)
+        return 0
+    files = {ExternalDataInfo(t).location for t in proto.graph.initializer if uses_external_data(t)}
+    return sum((path.parent / f).stat().st_size for f in files if (path.parent / f).is_file())
 
 
 def _unsupported_ops(proto: onnx.ModelProto) -> list[str]:

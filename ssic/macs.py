@@ -141,17 +141,10 @@ def load_model_for_analysis(path) -> onnx.ModelProto:
     """
     from pathlib import Path
 
+    from ssic.passes.normalize import read_graph
+
     p = Path(path)
-    if not p.exists():
-        raise SSICError(f"model file not found: {p}")
-    if p.is_dir():
-        raise SSICError(f"expected an ONNX file, got a directory: {p}")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
-        raise SSICError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
-    if not proto.graph.node:
-        raise SSICError(f"{p} is not a readable ONNX model (no graph nodes)")
+    proto = read_graph(p)
     try:
         onnx.checker.check_model(str(p))
     except Exception as exc:  # noqa: BLE001

@@ -97,6 +97,9 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # GauGAN: the output inside the edit depends on the last three 3x3 convs at 256x512 and two at
     # 128x256; growing the active region there by that much makes it exact inside the edit (measured
     # 122 dB vs 30 dB with 1), at lower resolutions a halo of 1 is enough (BENCHMARKS.md).
+    # Stable Diffusion parts: DDIM-like UNet/VAE levels, SIGE's halo of 1 (export writes the split)
+    "sd-unet": {"halo": 1},
+    "sd-vae-decoder": {"halo": 1},
     "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2, "halo": 1,
                "halos": {"256x512": 3, "128x256": 2}},
 }

@@ -57,6 +57,23 @@ FOLD_SIZE_LIMIT = 1 << 24
 _DEPRECATED_ACCEPTED = {("GroupNormalization", 18)}
 
 
+def read_graph(path: str | os.PathLike) -> onnx.ModelProto:
+    """The graph of an ONNX file without its external weights' bytes; ``SSICError`` (one line) for a
+    missing path, a directory, an unreadable file or a file without nodes."""
+    p = Path(path)
+    if not p.exists():
+        raise SSICError(f"model file not found: {p}")
+    if p.is_dir():
+        raise SSICError(f"expected an ONNX file, got a directory: {p}")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is a user error
+        raise SSICError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
+    if not proto.graph.node:
+        raise SSICError(f"{p} is not a readable ONNX model (no graph nodes)")
+    return proto
+
+
 def load_model(path: str | os.PathLike, *, input_shapes: dict[str, list[int]] | None = None,
                require_static: bool = False, fold: bool = True) -> onnx.ModelProto:
     """Read, check and normalise an ONNX model for planning.
@@ -80,16 +97,7 @@ def load_model(path: str | os.PathLike, *, input_shapes: dict[str, list[int]] | 
             dynamic inputs left with ``require_static``, or failed shape inference.
     """
     p = Path(path)
-    if not p.exists():
-        raise SSICError(f"model file not found: {p}")
-    if p.is_dir():
-        raise SSICError(f"expected an ONNX file, got a directory: {p}")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:
-        raise SSICError(f"{p} is not a readable ONNX model ({type(exc).__name__})") from None
-    if not proto.graph.node:
-        raise SSICError(f"{p} is not a readable ONNX model (no graph nodes)")
+    proto = read_graph(p)
     _check_external_files(proto, p)
     _check(proto, p)
     proto = _convert_opset(proto, p)

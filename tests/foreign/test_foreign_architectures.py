@@ -26,7 +26,6 @@ NAMES = list(ARCHITECTURES)
 # check "*" covers every check of the model
 KNOWN_GAPS = {
     ("psnr_in", "cyclegan"): "InstanceNorm with the default halo: 30 dB inside the edit (issue 12 section 2)",
-    ("sparse_macs", "pix2pix"): "ConvTranspose runs dense (62% of the MACs) (issue 12 section 2)",
 }
 
 
