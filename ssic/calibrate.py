@@ -4,7 +4,7 @@ Exact mode recomputes every value an edit can reach; in a deep trained network (
 convs) that is the whole image, while the dense output barely moves beyond a few dozen pixels of the
 edit (DESIGN.md section 6: 0.24 of the range 16 input pixels away, 0.08 at 32, 0.006 at 64). A radius
 budget ``R`` (pixels of the finest grid) recomputes every reachable value within ``R`` of the edit and
-reads caches beyond it (:func:`ssic.passes.build_mask.bound_mask_graph`), so the error is bounded by
+reads caches beyond it (the ``radius`` of :func:`ssic.passes.exact_masks.build_exact_mask_model`), so the error is bounded by
 what the network carries further than ``R``.
 
 :func:`calibrate` measures that on sample edits of the user's images: for growing ``R`` it runs

@@ -175,29 +175,24 @@ def _ensure_prime(state: CompileState) -> None:
 
 
 def _run_build_mask(state: CompileState, log) -> bool:
-    from ssic.passes.build_mask import build_mask_graph, with_mask_sources
+    from ssic.passes.build_mask import build_mask_graph
 
     grids = list(state.plan.grids.values())
     o = state.options
     if o.exact:
         state.mask = exact_mask_graph(state, o.radius_budget)
     else:
-        core = build_mask_graph(state.mask_hw, grids, radius=o.mask_radius, level_dilation=o.level_dilation)
-        state.mask = with_mask_sources(core, state.sources, state.mask_hw)
+        state.mask = build_mask_graph(state.mask_hw, grids, radius=o.mask_radius, level_dilation=o.level_dilation,
+                                      sources=state.sources)
     return True
 
 
 def exact_mask_graph(state: CompileState, radius: int | None) -> onnx.ModelProto:
     """The exact-mode mask graph, bounded to ``radius`` pixels around the edit when given."""
-    from ssic.passes.build_mask import bound_mask_graph
     from ssic.passes.exact_masks import build_exact_mask_model
 
-    grids = list(state.plan.grids.values())
-    exact = build_exact_mask_model(state.model, grids, state.mask_hw,
-                                   sources={s.input: s.mask_input for s in state.sources if s.input})
-    if radius is None:
-        return exact
-    return bound_mask_graph(exact, state.sources, grids, state.mask_hw, radius)
+    return build_exact_mask_model(state.model, list(state.plan.grids.values()), state.mask_hw,
+                                  sources={s.input: s.mask_input for s in state.sources if s.input}, radius=radius)
 
 
 def _ensure_mask(state: CompileState) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx import TensorProto, helper
 
 from ssic.passes.analysis import Grid, spatial_hw, static_shape
 from ssic.passes.sparsify.rule import ALL, MaskGraph, mask_rule_for
@@ -31,13 +30,14 @@ def _is_nhwc(v: ir.Value) -> bool:
 
 
 def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[int, int], opset: int = 18,
-                           sources: dict[str, str] | None = None) -> onnx.ModelProto:
+                           sources: dict[str, str] | None = None, radius: int | None = None) -> onnx.ModelProto:
     """The mask graph of exact mode: one change mask per spatial input -> ``ssic.tiles.<HxW>`` per grid.
 
     ``model`` is the pre-processed model (static shapes), ``grids`` the sparse grids; ``sources`` maps
     a model input's name to its mask input's name (float32 ``[1, 1, H, W]`` at that input's own
     resolution, NHWC inputs included); without it the input at ``mask_hw`` is fed by ``ssic.mask``.
-    ``opset`` is the default-domain opset of the mask graph.
+    ``opset`` is the default-domain opset of the mask graph. ``radius`` (bounded exact mode) limits
+    each grid's tiles to the edit grown by ``radius`` pixels of ``mask_hw`` (see :func:`_bounded`).
     """
     mg = MaskGraph()
     masks = mg.masks
@@ -62,6 +62,8 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         elif hw is not None:
             masks[v] = ALL
         # non-image inputs (timestep, class label) must equal the primed values: the runtime checks
+    for name, hw in mask_inputs:
+        mg.add_input(name, [1, 1, *hw])
     for node in graph:
         changed = [mg.of(v) for v in node.inputs if mg.of(v) is not None]
         if not changed:
@@ -76,7 +78,6 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         for o in node.outputs:
             masks[o] = result
 
-    outputs = []
     for grid in grids:
         parts = []
         everything = False
@@ -102,12 +103,30 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         active = mg.op("Greater", [pooled, mg.const(np.array(0.0, np.float32))])
         nz = mg.op("NonZero", [mg.op("Squeeze", [active, mg.const(np.array([0, 1], np.int64))])])
         idx = mg.op("Mul", [mg.op("Transpose", [nz], perm=[1, 0]), mg.const(np.array(t, np.int64))])
-        mg.nodes.append(helper.make_node("Identity", [idx], [grid.tiles_input], name=mg.name("out")))
-        outputs.append(helper.make_tensor_value_info(grid.tiles_input, TensorProto.INT64, [f"n_{grid.name}", 2]))
+        if radius is not None and mask_inputs:
+            idx = _bounded(mg, idx, grid, mask_inputs, mask_hw, radius)
+        mg.op("Identity", [idx], output=grid.tiles_input)
+    return mg.model([(grid.tiles_input, [f"n_{grid.name}", 2]) for grid in grids])
 
-    g = helper.make_graph(mg.nodes, "ssic_exact_mask",
-                          [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, *hw]) for n, hw in mask_inputs],
-                          outputs, mg.initializers)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)], producer_name="ssic")
-    m.ir_version = 10
-    return m
+
+def _bounded(mg: MaskGraph, idx: str, grid: Grid, mask_inputs: list[tuple[str, tuple[int, int]]],
+             mask_hw: tuple[int, int], radius: int) -> str:
+    """Bounded exact mode: keep only the tiles of ``idx`` within ``radius`` pixels (of ``mask_hw``,
+    scaled to the grid, rounded up) of the edit itself (the union of the source masks, resized
+    conservatively to the grid). Every value within that distance of the edit whose inputs can have
+    changed is recomputed; beyond it the cache is read, so the error comes only from what the network
+    carries further than ``radius`` (measured by ``ssic compile --calibrate``)."""
+    H, W, t = grid.height, grid.width, grid.tile
+    gh, gw = grid.cells
+    edit = mg.union([mg.resize_any(n, hw, (H, W)) for n, hw in mask_inputs])
+    r = max(1, int(-(-radius * max(H / mask_hw[0], W / mask_hw[1]) // 1)))
+    near = mg.op("MaxPool", [edit], kernel_shape=[2 * r + 1, 2 * r + 1], pads=[r, r, r, r])
+    budget = mg.op("MaxPool", [near], kernel_shape=[t, t], strides=[t, t], ceil_mode=1)
+    budget = mg.op("Reshape", [budget, mg.const(np.array([gh, gw], np.int64))])
+    cells = mg.op("Div", [idx, mg.const(np.array(t, np.int64))])
+    n = mg.op("Slice", [mg.op("Shape", [idx]), mg.const(np.array([0], np.int64)), mg.const(np.array([1], np.int64))])
+    ones = mg.op("Expand", [mg.const(np.array([1.0], np.float32)), n])
+    active = mg.op("ScatterND", [mg.const(np.zeros((gh, gw), np.float32)), cells, ones])
+    both = mg.op("Greater", [mg.op("Mul", [active, budget]), mg.const(np.array(0.0, np.float32))])
+    nz = mg.op("Transpose", [mg.op("NonZero", [both])], perm=[1, 0])
+    return mg.op("Mul", [nz, mg.const(np.array(t, np.int64))])

@@ -17,9 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import numpy as np
-import onnx
-from onnx import helper
+from ssic.passes.mask_graph import MaskGraphBuilder
 
 if TYPE_CHECKING:
     import onnx_ir as ir
@@ -38,35 +36,20 @@ class Refusal:
     reason: str
 
 
-class MaskGraph:
-    """Builder of the exact-mode mask graph: one float ``[1, 1, H, W]`` change mask per value.
+class MaskGraph(MaskGraphBuilder):
+    """Builder of the exact-mode mask graph (:class:`ssic.passes.mask_graph.MaskGraphBuilder`) with one
+    float ``[1, 1, H, W]`` change mask per value of the model.
 
     A mask is the name of a tensor in the mask graph (1 where the value may differ from the prime
     run), :data:`ALL`, or None (the value cannot change).
     """
 
     def __init__(self) -> None:
-        self.nodes: list[onnx.NodeProto] = []
-        self.initializers: list[onnx.TensorProto] = []
+        super().__init__("ssic_exact_mask")
         self.masks: dict[ir.Value, str] = {}
-        self._counter = 0
-
-    def name(self, hint: str) -> str:
-        self._counter += 1
-        return f"{hint}_{self._counter}"
 
     def of(self, value: ir.Value | None) -> str | None:
         return None if value is None else self.masks.get(value)
-
-    def const(self, array: np.ndarray) -> str:
-        n = self.name("c")
-        self.initializers.append(onnx.numpy_helper.from_array(array, n))
-        return n
-
-    def op(self, op_type: str, inputs: list[str], **attrs) -> str:
-        out = self.name(op_type)
-        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
-        return out
 
 
 class Rule:
