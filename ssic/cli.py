@@ -269,13 +269,13 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
         return
     import onnx
 
-    from ssic.compiler import load_model
+    from ssic.compiler import external_weight_bytes, load_model
     from ssic.macs import count_macs, load_model_for_analysis
     from ssic.passes.normalize import dynamic_inputs
 
     shapes = _parse_shapes(input_shape_specs)
     # a model with external data (over 2 GB) is analysed with its weights left on disk
-    proto = load_model_for_analysis(p) if _has_external_data(p) and not shapes else load_model(p, shapes)
+    proto = load_model_for_analysis(p) if external_weight_bytes(p) and not shapes else load_model(p, shapes)
     counts: dict[str, int] = {}
     for node in proto.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -321,18 +321,6 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
     if macs.get("macs_by_kind", {}).get("attention"):
         click.echo("        by kind: " + ", ".join(f"{k} {v / 1e9:.2f} G ({100 * v / macs['macs_total']:.0f}%)"
                                              for k, v in sorted(macs["macs_by_kind"].items(), key=lambda kv: -kv[1])))
-
-
-def _has_external_data(path: Path) -> bool:
-    """Whether an ONNX file keeps tensors in external data files (read without loading any weight)."""
-    import onnx
-    from onnx.external_data_helper import uses_external_data
-
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # noqa: BLE001 - unreadable files are reported by the loader that follows
-        return False
-    return any(uses_external_data(t) for t in proto.graph.initializer)
 
 
 def _load_array(spec: str, what: str) -> np.ndarray:

@@ -264,7 +264,7 @@ def load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]]
     """
     from ssic.passes.normalize import load_model as normalize_load
 
-    if Path(model_path).is_file() and _external_bytes(Path(model_path)) > LAZY_WEIGHTS_BYTES:
+    if Path(model_path).is_file() and external_weight_bytes(Path(model_path)) > LAZY_WEIGHTS_BYTES:
         # weights in external data (models over 2 GB): keep them on disk, referenced by absolute path;
         # the artefact's graphs then share one linked copy (see _save)
         from ssic.external_data import load_lazily
@@ -281,7 +281,7 @@ def load_model(model_path: str | os.PathLike, input_shapes: dict[str, list[int]]
 LAZY_WEIGHTS_BYTES = 1_800_000_000
 
 
-def _external_bytes(path: Path) -> int:
+def external_weight_bytes(path: Path) -> int:
     """Bytes of the external data files an ONNX file references (0 if none; no weight is read)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -538,8 +538,3 @@ def _other_mac_nodes(proto: onnx.ModelProto, macs: dict, result) -> list[LayerDe
         out.append(LayerDecision(node=name, kind=op, channels=[0, 0], sparse=False, macs_dense=int(n),
                                  reason=f"{op} runs dense: no tile rule for {op} yet"))
     return out
-
-
-def sparse_macs(manifest: Manifest, tiles_per_grid: dict[str, int]) -> int:
-    """MACs of one sparse run with the given number of active tiles per grid."""
-    return manifest.sparse_macs(tiles_per_grid)

@@ -96,6 +96,26 @@ def _load_sessions(sess) -> None:
         sess.backend.session(graph)
 
 
+def _trained_artefact(model: str, variant: str, size: int, out_dir: Path, log, radius_budget: int | None = None) -> Path:
+    """Export ``model``/``variant`` at ``size`` x ``size`` with its trained weights and compile it for
+    ONNX Runtime (fused ops), each step once: later demos reuse the files in ``out_dir``."""
+    import ssic
+    from ssic.models.export import export_trained
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx_path = out_dir / f"{model}_{variant}_{size}.onnx"
+    budget = "" if radius_budget is None else f"_r{radius_budget}"
+    art = out_dir / f"{model}_{variant}_{size}{budget}.ssic"
+    if not onnx_path.exists():
+        log(f"exporting {model} {variant} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
+        export_trained(model, variant, f"{size}x{size}", onnx_path)
+    if not (art / "manifest.json").exists():
+        log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
+        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True,
+                     radius_budget=radius_budget)
+    return art
+
+
 def _church_lr(size: int):
     """The church edit pair downscaled to ``size`` (Lanczos): float32 ``[1, 3, S, S]`` in [0, 1], and
     a description; a generated image with a 5% brush-stroke edit when ``../shared`` is absent."""
@@ -141,18 +161,8 @@ def run_realesrgan_demo(size: int = 64, variant: str = "x4plus", out_dir: Path =
     from PIL import Image
 
     import ssic
-    from ssic.models.export import export_trained
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"realesrgan_{variant}_{size}.onnx"
-    art = out_dir / f"realesrgan_{variant}_{size}_r{radius_budget or 0}.ssic"
-    if not onnx_path.exists():
-        log(f"exporting Real-ESRGAN {variant} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
-        export_trained("realesrgan", variant, f"{size}x{size}", onnx_path)
-    if not (art / "manifest.json").exists():
-        log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
-        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True,
-                     radius_budget=radius_budget)
+    art = _trained_artefact("realesrgan", variant, size, out_dir, log, radius_budget=radius_budget)
     sess = ssic.load(art, threads=threads)
     a, b, what = _church_lr(size)
     lr_mask = (np.abs(a - b) > 1.5 / 255).any(axis=1)[0]
@@ -208,18 +218,9 @@ def run_oidn_demo(size: int = 256, filter_name: str = "rt_ldr", area: float = 0.
 
     import ssic
     from ssic.masks import brush_stroke_mask, load_edit_pair
-    from ssic.models.export import export_trained
     from ssic.models.trained_weights import run_oidn
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    onnx_path = out_dir / f"oidn_{filter_name}_{size}.onnx"
-    art = out_dir / f"oidn_{filter_name}_{size}.ssic"
-    if not onnx_path.exists():
-        log(f"exporting OIDN {filter_name} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
-        export_trained("oidn", filter_name, f"{size}x{size}", onnx_path)
-    if not (art / "manifest.json").exists():
-        log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
-        ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)
+    art = _trained_artefact("oidn", filter_name, size, out_dir, log)
     sess = ssic.load(art, threads=threads)
     pair = load_edit_pair("church")
     if pair is not None:

@@ -355,15 +355,14 @@ def test_load_says_no_gpu(tmp_path):
     ok, _ = ssic_trt.gpu_available()
     if ok:
         pytest.skip("this machine has a GPU")
-    manifest = make_artefact(tmp_path, "standard")
-    manifest["trt"] = ssic_trt.build_trt_artefact(tmp_path, manifest)
-    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(SSICError, match="needs an NVIDIA GPU and TensorRT; none is available here"):
-        ssic_trt.load(tmp_path)
     import ssic
+    from ssic.artefact import read_manifest
 
+    art = _compile(tmp_path, "standard")  # engines built by TensorRT for RTX on this CPU-only machine
+    with pytest.raises(SSICError, match="needs an NVIDIA GPU and TensorRT; none is available here"):
+        ssic_trt.check_loadable(art, read_manifest(art))
     with pytest.raises(SSICError, match="GPU"):
-        ssic.load(tmp_path)
+        ssic.load(art)
 
 
 # ------------------------------------------------------------------------------------------ native code

@@ -79,8 +79,9 @@ def _rename_nodes(model: onnx.ModelProto) -> None:
             p.key, p.value = "ssic.module", module
 
 
-def export_module(module, inputs: dict[str, np.ndarray], output_names: list[str]) -> onnx.ModelProto:
-    """Export a torch module called as ``module(*inputs.values())`` to a checked ModelProto."""
+def _torch_export(module, inputs: dict[str, np.ndarray], output_names: list[str]):
+    """``torch.onnx.export`` (dynamo, opset :data:`OPSET`) of ``module(*inputs.values())`` in eval mode,
+    quietly; returns the ONNX program. Raises SSICError when the export fails."""
     import torch
 
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
@@ -97,6 +98,12 @@ def export_module(module, inputs: dict[str, np.ndarray], output_names: list[str]
                 )
     except Exception as e:  # noqa: BLE001
         raise SSICError(f"ONNX export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    return program
+
+
+def export_module(module, inputs: dict[str, np.ndarray], output_names: list[str]) -> onnx.ModelProto:
+    """Export a torch module called as ``module(*inputs.values())`` to a checked ModelProto."""
+    program = _torch_export(module, inputs, output_names)
     model = program.model_proto
     model.ir_version = IR_VERSION
     model.producer_name = "ssic"
@@ -270,24 +277,11 @@ def export_module_to_file(module, inputs: dict[str, np.ndarray], output_names: l
     import shutil
 
     import onnx_ir as ir
-    import torch
 
     log = log or (lambda msg: None)
     path = Path(output_path)
     _check_writable(path)
-    args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
-    module = module.eval()
-    sink = io.StringIO()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
-            warnings.simplefilter("ignore")
-            with torch.no_grad():
-                program = torch.onnx.export(
-                    module, args, input_names=list(inputs), output_names=list(output_names),
-                    opset_version=OPSET, dynamo=True, external_data=False, verbose=False, optimize=True,
-                )
-    except Exception as e:  # noqa: BLE001
-        raise SSICError(f"ONNX export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    program = _torch_export(module, inputs, output_names)
     nbytes = sum(v.const_value.nbytes for v in program.model.graph.initializers.values()
                  if v.const_value is not None)
     log(f"exported graph: {len(program.model.graph)} nodes, {nbytes / 1e9:.2f} GB of weights")
