@@ -687,7 +687,8 @@ def _memory_mb() -> tuple[float, float | None]:
 def test_memory_flat_over_1000_edits_of_random_sizes(tmp_path):
     """Issue 16: resident memory grew ~2 MB per 100 edits of varying size (ONNX Runtime kept a memory
     pattern per input shape, and every edit's tile counts are a new shape). After a warm-up that
-    includes the largest edit, 1,000 edits of random sizes leave RSS and the native heap flat."""
+    includes the largest edit, 1,000 edits of random sizes leave the native heap flat and RSS far below the
+    leak's growth."""
     import gc
 
     hw = 64
@@ -715,6 +716,9 @@ def test_memory_flat_over_1000_edits_of_random_sizes(tmp_path):
     print(f"\n1000 edits, {len(shapes)} distinct tile counts: RSS {end[0] - start[0]:+.2f} MB, "
           f"heap in use {(end[1] - start[1]) if end[1] is not None else float('nan'):+.3f} MB after edit 100")
     assert len(shapes) > 500  # most edits are a new shape
-    assert end[0] - start[0] < 2.0
-    if end[1] is not None:  # glibc: bytes in use on the heap, the finer measure (was +0.6 MB here)
+    # The leak was linear, ~2 MB per 100 edits: ~18 MB over these 900. RSS also moves by a few MB on its
+    # own (glibc trimming and page faults of the thread pool; +5.9 MB seen once in CI with the heap flat),
+    # so RSS only guards against the leak's size and the heap in use is the fine measure.
+    assert end[0] - start[0] < 10.0
+    if end[1] is not None:  # glibc: bytes in use on the heap (was +0.6 MB with the leak)
         assert end[1] - start[1] < 0.2
