@@ -50,7 +50,10 @@ def test_pointwise_structure():
     assert ops["TileScatter"] == 1  # no full tensor between the convs
     for folded in ("BatchNormalization", "LeakyRelu", "Conv"):
         assert ops[folded] == 0, (folded, ops)
-    assert ops["Tanh"] == 1 and ops["Concat"] == 1
+    # the conv after the concat reads each part from its own cache: no Concat, no cache of "cat",
+    # one partial product per part accumulated by Gemm
+    assert ops["Tanh"] == 1 and ops["Concat"] == 0 and ops["Gemm"] == 1
+    assert "cat" not in {c.source for c in result.caches}
     assert result.dense_ops == []
 
 

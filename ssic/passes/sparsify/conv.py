@@ -96,9 +96,10 @@ def window_mask(node: ir.Node, masks: MaskGraph, kernel: list[int] | None) -> st
     return masks.op("MaxPool", [m], kernel_shape=extent, strides=strides, pads=pads, **extra)
 
 
-def _conv_source(ctx: SparsifyContext, x: ir.Value, pads: tuple[int, int]):
-    """The gather source of conv input ``x`` with a folded upsample/pad: ``(rep, upsample, pads, pad_mode)``."""
-    rep = ctx.rep(x)
+def _conv_source(ctx: SparsifyContext, x: ir.Value, pads: tuple[int, int], rep=None):
+    """The gather source of conv input ``x`` (representation ``rep``, default ``ctx.rep(x)``) with a
+    folded upsample/pad: ``(rep, upsample, pads, pad_mode)``."""
+    rep = ctx.rep(x) if rep is None else rep
     upsample, pad_top, pad_left, pad_mode = 1, pads[0], pads[1], PAD_ZEROS
     source_value = x
     if isinstance(rep, LazyResample):
@@ -223,6 +224,12 @@ class ConvRule(Rule):
             y = _bias(ctx, node, _shuffled_conv(ctx, ctx.rep(node.inputs[0]), grid, w, geo))
             self._record(ctx, node, grid, TileValue(grid, y, out, cout), cin_g, k, f"DepthToSpace x{ctx.rep(node.inputs[0]).block} folded")
             return
+        whole = ctx.rep(node.inputs[0])
+        if isinstance(whole, TileValue) and whole.parts and group == 1 and whole.grid == grid and not (K == 1 and s == 1):
+            y = _bias(ctx, node, _conv_of_parts(ctx, whole.parts, grid, w, geo))
+            self._record(ctx, node, grid, TileValue(grid, y, out, cout), cin_g, k,
+                         f"concat of {len(whole.parts)} read from their own caches")
+            return
         rep, upsample, (pad_top, pad_left), pad_mode = _conv_source(ctx, node.inputs[0], geo.pads[:2])
         if K == 1 and s == 1 and upsample == 1 and pad_top == 0 and pad_left == 0 and isinstance(rep, TileValue) \
                 and rep.grid == grid and rep.dense_source is None:
@@ -251,6 +258,29 @@ class ConvRule(Rule):
             return ALL  # weights that change between runs
         wshape = static_shape(node.inputs[1])
         return window_mask(node, masks, list(wshape[2:]) if wshape else None)
+
+
+def _conv_of_parts(ctx: SparsifyContext, parts, grid, w: np.ndarray, geo: ConvGeometry) -> ir.Value:
+    """Conv (group 1) of a channel concat as the sum over its parts of the conv of each part with its
+    slice of the weight: each part is gathered from its own cache (or folded upsample), so the concat
+    is never cached. Same MACs as one MatMul; the partial products accumulate with ``Gemm``'s C input.
+    Returns ``[n*t*t, Cout]`` (no bias)."""
+    k, K = geo.k, geo.extent
+    acc, c0 = None, 0
+    for part in parts:
+        rep, upsample, pads, pad_mode = _conv_source(ctx, part.value, geo.pads[:2], rep=part.rep)
+        cols = ctx.gather(rep, grid, kernel=K, stride=geo.s, pads=pads, upsample=upsample, channels=part.channels,
+                          hint="gather_part", pad_mode=pad_mode)
+        if geo.d > 1:
+            keep = [ky * geo.d * K + kx * geo.d for ky in range(k) for kx in range(k)]
+            cols = select_columns(ctx, cols, K, keep, part.channels, "dilation")
+        wp = w[:, c0:c0 + part.channels]
+        c0 += part.channels
+        wmat = ctx.const(np.ascontiguousarray(wp.transpose(2, 3, 1, 0).reshape(k * k * part.channels, -1),
+                                              np.float32), "conv_w")
+        acc = (ctx.add("MatMul", [cols, wmat], name_hint="conv_part") if acc is None else
+               ctx.add("Gemm", [cols, wmat, acc], name_hint="conv_part"))
+    return acc
 
 
 def _shuffled_conv(ctx: SparsifyContext, lazy: LazyShuffle, grid, w: np.ndarray, geo: ConvGeometry) -> ir.Value:

@@ -17,7 +17,7 @@ from ssic.ops import ACT_LEAKY_RELU, ACT_RELU, ACT_SWISH
 from ssic.passes.analysis import spatial_hw, static_shape
 from ssic.passes.sparsify.context import SparsifyContext, per_channel_ok
 from ssic.passes.sparsify.rule import ALL, MaskGraph, Refusal, Rule, register
-from ssic.passes.sparsify.values import TileValue
+from ssic.passes.sparsify.values import ConcatPart, TileValue
 
 ELEMENTWISE_UNARY = (
     "Sigmoid", "Tanh", "Elu", "Selu", "HardSigmoid", "HardSwish", "Softplus", "Clip", "Neg", "Abs", "Exp", "Log",
@@ -215,8 +215,9 @@ class ConcatRule(PointwiseRule):
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
         grid = ctx.grid_of_output(node)
         parts = [ctx.rep(v).to_tiles(ctx, grid, static_shape(v)[1]) for v in node.inputs]
-        y = ctx.add("Concat", parts, {"axis": 1}, name_hint="concat")
-        ctx.set_rep(node.outputs[0], TileValue(grid, y, None, static_shape(node.outputs[0])[1]))
+        y = ctx.add("Concat", parts, {"axis": 1}, name_hint="concat")  # removed as dead code where unused
+        meta = tuple(ConcatPart(ctx.rep(v), v, static_shape(v)[1]) for v in node.inputs)
+        ctx.set_rep(node.outputs[0], TileValue(grid, y, None, static_shape(node.outputs[0])[1], parts=meta))
 
 
 class SplitRule(PointwiseRule):

@@ -77,6 +77,8 @@ class TileValue(Rep):
     ``base`` is None for computed tiles (results of element-wise ops) until a gather needs a cache,
     see :meth:`gather_source`. ``dense_source`` set means the tiles are a per-channel map of that
     dense value: a gather reads it directly (``tiles`` is then None when only a gather will read it).
+    ``parts`` set means the value is a channel concat of those :class:`ConcatPart`: a conv reads each
+    part from its own cache (``ConvRule``) so the concat itself needs no cache.
     """
 
     grid: Grid | None
@@ -88,6 +90,7 @@ class TileValue(Rep):
     act: int = ACT_IDENTITY
     alpha: float = 0.0
     dense_source: ir.Value | None = None
+    parts: tuple[ConcatPart, ...] = ()
 
     @property
     def has_epilogue(self) -> bool:
@@ -113,7 +116,16 @@ class TileValue(Rep):
         return fn(self)
 
     def with_epilogue(self, **changes) -> TileValue:
-        return replace(self, **changes)
+        return replace(self, parts=(), **changes)  # a map of the concat is no longer its parts
+
+
+@dataclass(frozen=True, eq=False)
+class ConcatPart:
+    """One operand of a channel concat: its representation, the model value and its channel count."""
+
+    rep: Rep
+    value: ir.Value
+    channels: int
 
 
 @dataclass(frozen=True, eq=False)
