@@ -330,6 +330,19 @@ def _load_array(spec: str, what: str) -> np.ndarray:
     return read_input(spec, what)
 
 
+def _value_range(ctx, param, value):
+    """``LO,HI`` -> (lo, hi) floats with lo < hi, both finite."""
+    if value is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected LO,HI (two numbers), got '{value}'") from None
+    if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
+        raise click.BadParameter(f"expected finite LO < HI, got '{value}'")
+    return lo, hi
+
+
 @cli.command()
 @click.argument("artefact", type=click.Path())
 @click.option("--original", required=True, help="Original input: an image (PNG, JPEG...), a .npy label map or model input.")
@@ -346,18 +359,29 @@ def _load_array(spec: str, what: str) -> np.ndarray:
 @click.option("--strength", type=click.FloatRange(0, 1, min_open=True), default=0.5, show_default=True,
               help="Diffusion: SDEdit noise strength (0..1].")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--value-range", default=None, metavar="LO,HI", callback=_value_range,
+              help="Image models: the input/output values of black and white (default: the family's; "
+                   "Real-ESRGAN, OIDN and models from elsewhere 0,1; DDIM/PD/GauGAN -1,1).")
 @click.option("--threads", type=int, default=None, callback=_threads_option,
               help="Intra-op threads (default: ONNX Runtime's).")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output: .png/.jpg/.jpeg (an image) or .npy (the model output as is).")
-def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, seed, threads, output) -> None:
+def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, seed, value_range, threads,
+         output) -> None:
     """Apply an edit with an artefact: prime on --original, recompute sparsely for --edited.
 
     Images (any PNG mode, 16-bit scaled, EXIF orientation applied) go through the model family's
-    pre/post-processing (DDIM/PD: SDEdit over --steps with per-step caches); GauGAN takes label maps
-    (.npy or single-channel PNG) with optional --input instance_original=/instance_edited=; .npy model
-    inputs are used as they are. Images, label maps and masks must have the model's size, or pass
-    --resize for images. Every argument and file is checked before any model runs.
+    pre/post-processing: DDIM/PD run SDEdit over --steps with per-step caches; image-to-image models
+    (Real-ESRGAN, OIDN, any model whose main input is RGB) take the image as float NCHW in
+    --value-range and write the output at the model's output size (x4 for Real-ESRGAN). GauGAN takes
+    label maps (.npy or single-channel PNG) with optional --input instance_original=/instance_edited=;
+    .npy model inputs are used as they are. Images, label maps and masks must have the model's size,
+    or pass --resize for images. Every argument and file is checked before any model runs.
+
+    \b
+    Example (Real-ESRGAN x4 of a 64x64 photo and its retouched copy):
+      ssic export realesrgan --size 64x64 -o rg.onnx && ssic compile rg.onnx -o rg.ssic
+      ssic edit rg.ssic --original photo.png --edited retouched.png -o big.png
     """
     import ssic
     from ssic import editing
@@ -382,8 +406,8 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
     mask = read_mask(mask_file, "mask") if mask_file else None
     extras = {name: read_array(file, f"input {name}") for name, file in specs}
     result = editing.edit_files(sess, a, b, mask=mask, extra=extras, steps=steps, strength=strength, seed=seed,
-                                log=lambda m: _log(m, 0), resize=resize)
-    editing.save_output(result["sparse"], output)
+                                log=lambda m: _log(m, 1), resize=resize, value_range=value_range)
+    editing.save_output(result["sparse"], output, result.get("range"))
     _log(f"wrote {output}: {result['summary']}", 0)
 
 

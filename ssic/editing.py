@@ -102,15 +102,29 @@ def sdedit(session, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, 
             "dense_s": dense_s, "quality": q}
 
 
-def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, steps=10, strength=0.5, seed=0,
-               log=None, resize: str | None = None) -> dict:
-    """Edit with arrays read from the command line; returns ``{"sparse": output, "summary": str}``.
+#: Value range of the image input and output per model family; other families take [0, 1] (the
+#: convention of Real-ESRGAN, OIDN and most image-to-image models) unless the caller says otherwise.
+IMAGE_RANGES: dict[str, tuple[float, float]] = {"ddim": (-1.0, 1.0), "pd": (-1.0, 1.0), "gaugan": (-1.0, 1.0)}
 
-    ``a``/``b``: images ``[H, W, 3]`` (float in [0, 1] or uint8) for DDIM/PD, label maps ``[H, W]``
-    for GauGAN, else model inputs as they are. ``mask``: bool ``[H, W]`` at the inputs' size.
-    Images of another size than the model's are refused unless ``resize`` is ``"fit"``, ``"crop"``
-    or ``"pad"`` (:class:`ssic.images.Placement`); the output ``[1, C, H, W]`` then has the input's
-    size. Raises ``SSICError`` for inputs that do not fit, before any model runs.
+
+def image_range(family: str | None) -> tuple[float, float]:
+    """The ``(low, high)`` values a model family maps black and white to (default ``(0, 1)``)."""
+    return IMAGE_RANGES.get(family or "", (0.0, 1.0))
+
+
+def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, steps=10, strength=0.5, seed=0,
+               log=None, resize: str | None = None, value_range: tuple[float, float] | None = None) -> dict:
+    """Edit with arrays read from the command line; returns ``{"sparse": output, "summary": str,
+    "range": (low, high)}`` (the output's value range when it is an image, else None).
+
+    ``a``/``b``: images ``[H, W, 3]`` (float in [0, 1] or uint8) for DDIM/PD (SDEdit) and for image
+    models (Real-ESRGAN, OIDN, any model whose main input has 3 channels: the image is scaled to
+    ``value_range``, default :func:`image_range`), label maps ``[H, W]`` for GauGAN, else model inputs
+    as they are. ``mask``: bool ``[H, W]`` at the inputs' size. Images of another size than the
+    model's are refused unless ``resize`` is ``"fit"``, ``"crop"`` or ``"pad"``
+    (:class:`ssic.images.Placement`); the output ``[1, C, H, W]`` then has the input's size (times
+    the model's scale for a super-resolution model). Raises ``SSICError`` for inputs that do not fit,
+    before any model runs.
     """
     family = session.manifest.model.family
     if np.shape(a) != np.shape(b):
@@ -126,10 +140,13 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
         m = session.check_mask(place.mask_to_model(mask))
         result = sdedit(session, xa, xb, m, steps=steps, strength=strength, seed=seed, log=log)
         out = place.from_model(result["sparse"][0].transpose(1, 2, 0), fb).transpose(2, 0, 1)[None]
-        return {"sparse": out, "summary": f"{steps} steps, sparse {result['sparse_s']:.2f} s vs dense "
-                f"{result['dense_s']:.2f} s, PSNR {result['quality']['psnr']:.1f} dB"}
+        return {"sparse": out, "range": (-1.0, 1.0), "summary": f"{steps} steps, sparse {result['sparse_s']:.2f} s "
+                f"vs dense {result['dense_s']:.2f} s, PSNR {result['quality']['psnr']:.1f} dB"}
+    if family not in ("ddim", "pd", "gaugan") and np.ndim(a) == 3 and np.shape(a)[2] in (3, 4):
+        return _edit_images(session, a, b, mask=mask, extra=extra, log=log, resize=resize,
+                            value_range=value_range or image_range(family))
     if resize is not None:
-        raise SSICError("--resize applies to the images of DDIM/PD models; give label maps and model inputs "
+        raise SSICError("--resize applies to images; give label maps and model inputs "
                         f"at the model's size ({h}x{w})")
     if family == "gaugan" and np.asarray(a).ndim == 2:
         from ssic.models.gaugan import make_gaugan_input
@@ -150,8 +167,57 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
     out = session.edit(inputs_b, mask=m)
     secs = time.perf_counter() - start
     st = session.last
-    return {"sparse": out[session.output_names[0]],
+    return {"sparse": out[session.output_names[0]], "range": (-1.0, 1.0) if family == "gaugan" else None,
             "summary": f"{st.mode} run in {1000 * secs:.0f} ms, {100 * st.active_fraction:.1f}% tiles active"}
+
+
+def _edit_images(session, a, b, *, mask, extra, log, resize, value_range) -> dict:
+    """Prime on image ``a``, edit to image ``b`` (``[H, W, 3|4]``) with an image model; see :func:`edit_files`."""
+    src = session.manifest.mask.primary
+    if not src.input:
+        raise SSICError("this model has no image input to take the images")
+    spec = session.manifest.input(src.input)
+    if len(spec.shape) != 4 or spec.shape[src.channel_axis] != 3:
+        raise SSICError(f"input '{src.input}' has shape {list(spec.shape)}, not an RGB image; give .npy model inputs")
+    lo, hi = value_range
+    fa, fb = (image_to_model(x)[0].transpose(1, 2, 0) * 0.5 + 0.5 for x in (a, b))  # [H, W, 3] in [0, 1]
+    hw = (src.height, src.width)
+    place = Placement.plan(fa.shape[:2], hw, resize)
+    if mask is None:
+        mask = (np.abs(fa - fb) > 0.5 / 255).any(axis=2)
+    mask = _input_mask(mask, fa.shape[:2])
+
+    def model_input(x):
+        x = place.to_model(x) * (hi - lo) + lo
+        return (x.transpose(2, 0, 1) if src.channel_axis == 1 else x)[None].astype(np.float32).copy()
+
+    name = src.input
+    xa, xb = model_input(fa), model_input(fb)
+    m = session.check_mask(place.mask_to_model(mask))
+    start = time.perf_counter()
+    session.prime({**(extra or {}), name: xa})
+    prime_s = time.perf_counter() - start
+    start = time.perf_counter()
+    y = session.edit({**(extra or {}), name: xb}, mask=m)[session.output_names[0]]
+    sparse_s = time.perf_counter() - start
+    st = session.last
+    y = np.asarray(y, np.float32)
+    if y.ndim == 4 and y.shape[1] not in (1, 3, 4) and y.shape[3] in (1, 3, 4):
+        y = y.transpose(0, 3, 1, 2)  # NHWC output
+    if y.ndim != 4:
+        raise SSICError(f"output '{session.output_names[0]}' has shape {list(y.shape)}, not an image")
+    if place.src != place.dst:
+        # map back to the input's size, times the model's scale (a super-resolution model's output)
+        sy, sx = y.shape[2] / hw[0], y.shape[3] / hw[1]
+        big = (round(place.src[0] * sy), round(place.src[1] * sx))
+        out_place = Placement.plan(big, (y.shape[2], y.shape[3]), resize)
+        base = Placement.plan(fb.shape[:2], big, "fit").to_model(fb) * (hi - lo) + lo
+        y = out_place.from_model(y[0].transpose(1, 2, 0), base).transpose(2, 0, 1)[None]
+    if log:
+        log(f"primed in {prime_s:.2f} s; edit: {st.mode}, {100 * st.active_fraction:.1f}% tiles active")
+    return {"sparse": y, "range": (lo, hi), "summary": f"{st.mode} edit in {1000 * sparse_s:.0f} ms "
+            f"({100 * st.active_fraction:.1f}% tiles active; prime {prime_s:.2f} s), output "
+            f"{y.shape[3]}x{y.shape[2]} (WxH)"}
 
 
 def _input_mask(mask, hw: tuple[int, int]) -> np.ndarray:

@@ -166,11 +166,14 @@ def read_input(path: str | os.PathLike, what: str = "input") -> np.ndarray:
 # ---------------------------------------------------------------------------- writing
 
 
-def model_to_image(x: np.ndarray) -> np.ndarray:
-    """float ``[1, C, H, W]`` in [-1, 1] -> uint8 ``[H, W, 3]`` (C >= 3: the first three; C = 1: gray)."""
+def model_to_image(x: np.ndarray, value_range: tuple[float, float] = (-1.0, 1.0)) -> np.ndarray:
+    """float ``[1, C, H, W]`` in ``value_range`` (black, white) -> uint8 ``[H, W, 3]`` (C >= 3: the
+    first three; C = 1: gray). Values outside the range are clipped."""
     x = np.asarray(x)
+    lo, hi = value_range
     chans = x[0, :3] if x.shape[1] >= 3 else np.repeat(x[0, :1], 3, axis=0)
-    return ((np.clip(chans.transpose(1, 2, 0), -1, 1) + 1) * 127.5).round().astype(np.uint8)
+    unit = (np.clip(chans.transpose(1, 2, 0), lo, hi) - lo) / (hi - lo)
+    return (unit * 255.0).round().astype(np.uint8)
 
 
 def save_image(img: np.ndarray, path: str | os.PathLike) -> None:
@@ -185,8 +188,9 @@ def save_image(img: np.ndarray, path: str | os.PathLike) -> None:
     write_atomically(path, lambda f: pil.save(f, format=fmt, **({"quality": 95} if fmt == "JPEG" else {})))
 
 
-def save_output(x: np.ndarray, path: str | os.PathLike) -> None:
-    """Write a model output ``[1, C, H, W]``: ``.npy`` as is, ``.png``/``.jpg``/``.jpeg`` as an image in [-1, 1].
+def save_output(x: np.ndarray, path: str | os.PathLike, value_range: tuple[float, float] | None = None) -> None:
+    """Write a model output ``[1, C, H, W]``: ``.npy`` as is, ``.png``/``.jpg``/``.jpeg`` as an image
+    whose ``value_range`` (default ``(-1, 1)``) maps to black..white.
 
     Written atomically (a failure leaves an existing file as it was). Raises ``SSICError`` for
     another suffix or a missing folder.
@@ -200,7 +204,7 @@ def save_output(x: np.ndarray, path: str | os.PathLike) -> None:
     if fmt == "NPY":
         write_atomically(path, lambda f: np.save(f, np.asarray(x), allow_pickle=False))
     else:
-        save_image(model_to_image(x), path)
+        save_image(model_to_image(x, value_range or (-1.0, 1.0)), path)
 
 
 # ---------------------------------------------------------------------------- sizes

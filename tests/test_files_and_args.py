@@ -345,8 +345,14 @@ def test_edit_size_policy(arts, tmp_path):
     small = png(tmp_path / "s.png", Image.fromarray(mask[:20, :20]))
     assert_error(cli(*base, "--mask", small, "--resize", "fit", "-o", tmp_path / "x.png"),
                  r"mask has shape \[20, 20\], the images are 40x48")
-    assert_error(cli("edit", arts["net"], "--original", pa, "--edited", pb, "--resize", "pad", "-o",
-                     tmp_path / "x.npy"), "--resize applies to the images")
+    # an image-to-image model (RGB input, same-size output) maps its output back to the images' size
+    assert cli("edit", arts["net"], "--original", pa, "--edited", pb, "--resize", "pad", "-o",
+               tmp_path / "x.npy")[0] == 0
+    assert np.load(tmp_path / "x.npy").shape[2:] == (40, 48)
+    # .npy model inputs are used as they are: --resize does not apply
+    np.save(tmp_path / "a.npy", np.zeros((1, 3, 32, 32), np.float32))
+    assert_error(cli("edit", arts["net"], "--original", tmp_path / "a.npy", "--edited", tmp_path / "a.npy",
+                     "--resize", "pad", "-o", tmp_path / "y.npy"), "--resize applies to images")
 
 
 # ---------------------------------------------------------------------------- settings that crash

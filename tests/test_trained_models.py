@@ -269,3 +269,42 @@ def test_cli_export_errors():
     with pytest.raises(SystemExit) as e:
         main(["export", "realesrgan", "-o", "x.onnx"])
     assert e.value.code == 2
+
+
+def test_cli_edit_png_in_png_out_at_the_output_size(tmp_path):
+    """`ssic edit` on an image model: PNG in [0, 1], PNG out at the x4 output size, equal (exact mode)
+    to the dense model's output within one 8-bit level; --resize maps the output to 4x the input size."""
+    import onnxruntime as ort
+    from click.testing import CliRunner
+    from PIL import Image
+
+    import ssic
+    from ssic.cli import cli
+    from ssic.models import export_trained
+
+    size = 16
+    path = _fetched(export_trained, "realesrgan", "animevideov3", f"{size}x{size}", tmp_path / "m.onnx")
+    ssic.compile(path, output_dir=tmp_path / "m.ssic", exact=True)
+    rng = np.random.default_rng(0)
+    a = (rng.random((size, size, 3)) * 255).astype(np.uint8)
+    b = a.copy()
+    b[4:9, 5:11] = 255 - b[4:9, 5:11]
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    run = CliRunner().invoke(cli, ["edit", str(tmp_path / "m.ssic"), "--original", str(tmp_path / "a.png"),
+                                   "--edited", str(tmp_path / "b.png"), "-o", str(tmp_path / "out.png")])
+    assert run.exit_code == 0, run.output
+    got = np.asarray(Image.open(tmp_path / "out.png").convert("RGB")).astype(int)
+    assert got.shape == (4 * size, 4 * size, 3)
+    x = (b.astype(np.float32) / 255).transpose(2, 0, 1)[None]
+    ref = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"image": x})[0]
+    ref = np.round(np.clip(ref[0].transpose(1, 2, 0), 0, 1) * 255).astype(int)
+    assert np.abs(got - ref).max() <= 1
+    # an image of another size: --resize crop writes 4x the input's size
+    Image.fromarray(a).resize((24, 20)).save(tmp_path / "a2.png")
+    Image.fromarray(b).resize((24, 20)).save(tmp_path / "b2.png")
+    run = CliRunner().invoke(cli, ["edit", str(tmp_path / "m.ssic"), "--original", str(tmp_path / "a2.png"),
+                                   "--edited", str(tmp_path / "b2.png"), "--resize", "crop",
+                                   "-o", str(tmp_path / "out2.png")])
+    assert run.exit_code == 0, run.output
+    assert Image.open(tmp_path / "out2.png").size == (96, 80)
