@@ -100,6 +100,10 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # Stable Diffusion parts: DDIM-like UNet/VAE levels, SIGE's halo of 1 (export writes the split)
     "sd-unet": {"halo": 1},
     "sd-vae-decoder": {"halo": 1},
+    # Real-ESRGAN (345 convs for x4plus): a fixed halo reads stale caches at every layer's border
+    # (29 dB at a 5% edit); bounded exact mode with a budget of 32 px of the x4 output reached 43.7 dB
+    # worst on the calibration edits of the church photo (BENCHMARKS.md, "Bounded exact mode").
+    "realesrgan": {"radius_budget": 32},
     "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2, "halo": 1,
                "halos": {"256x512": 3, "128x256": 2}},
 }

@@ -32,6 +32,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import io
+import logging
 import os
 import tempfile
 import warnings
@@ -87,6 +88,10 @@ def _torch_export(module, inputs: dict[str, np.ndarray], output_names: list[str]
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values())
     module = module.eval()
     sink = io.StringIO()
+    # the exporter logs a warning per torchvision op it cannot register when torchvision is absent
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         with warnings.catch_warnings(), contextlib.redirect_stdout(sink):
             warnings.simplefilter("ignore")
@@ -98,6 +103,8 @@ def _torch_export(module, inputs: dict[str, np.ndarray], output_names: list[str]
                 )
     except Exception as e:  # noqa: BLE001
         raise SSICError(f"ONNX export failed: {type(e).__name__}: {e}".splitlines()[0]) from e
+    finally:
+        quiet.setLevel(level)
     return program
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 #: Default-domain opset of the mask graphs (ReduceMax/Resize forms of opset 18).
 MASK_OPSET = 18
@@ -93,4 +94,6 @@ class MaskGraphBuilder:
             v.type = ir.TensorType(ir.DataType.INT64)
             self.graph.outputs.append(v)
         model = ir.Model(self.graph, ir_version=10, producer_name="ssic")
+        # constants of idioms whose result went unused (ONNX Runtime warns about each at load)
+        RemoveUnusedNodesPass()(model)
         return ir.serde.serialize_model(model)
