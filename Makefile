@@ -5,7 +5,7 @@ PIP ?= $(PYTHON) -m pip
 TORCH_REQ ?= torch==2.13.0
 STAMP := build/.installed
 
-.PHONY: help install plugins demo demo-ddim test test-slow bench bench-sige goldens serve-example serve lint clean
+.PHONY: help install plugins demo demo-ddim test test-slow bench bench-trained bench-sige goldens serve-example serve lint clean
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ test-slow: $(STAMP) ## Tests on the full-size models too (slow)
 
 bench: $(STAMP) ## Full-size benchmarks -> BENCHMARKS.md (long: tens of minutes)
 	$(PYTHON) bench/run_bench.py --out bench_out --report BENCHMARKS.md --anchor-split
+
+bench-trained: $(STAMP) ## Trained Real-ESRGAN/OIDN grid vs ORT dense and the packages' engines (~30 min) -> BENCHMARKS.md
+	$(PYTHON) bench/trained_grid.py
 
 bench-sige: $(STAMP) ## The SIGE engine side by side (installs sige 0.3.0 from PyPI; not in CI)
 	bash bench/install_sige.sh

@@ -277,7 +277,15 @@ def report(results: dict, path: Path, cmd: str) -> None:
                       "the SIGE script marks noisy were measured while other jobs loaded the machine."]
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             lines.append(f"(could not read sige.json: {exc})")
-    path.write_text("\n".join(lines) + "\n")
+    # the sections after the marker are written by hand or by other scripts (bench/trained_grid.py): kept
+    tail = ""
+    if path.exists() and GENERATED_END in path.read_text():
+        tail = path.read_text().split(GENERATED_END, 1)[1]
+    path.write_text("\n".join(lines) + "\n\n" + GENERATED_END + (tail if tail else "\n"))
+
+
+#: BENCHMARKS.md: everything after this line survives a `make bench`
+GENERATED_END = "<!-- end of the part bench/run_bench.py writes -->"
 
 
 def main() -> None:

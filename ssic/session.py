@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from ssic.artefact import Manifest, MaskSource
+from ssic.cost_model import CostModel
 from ssic.errors import SSICError
 from ssic.masks import resize_mask_any
 
@@ -74,6 +75,9 @@ class EditStats:
     macs: int = 0
     macs_dense: int = 0
     seconds: float = 0.0
+    #: why "auto" chose the mode: "mac ratio" (over ``fallback_ratio``), "measured" (the session's
+    #: :class:`ssic.cost_model.CostModel` predicts sparse slower than dense) or "" (sparse pays)
+    reason: str = ""
 
 
 class Session:
@@ -92,6 +96,8 @@ class Session:
         self.grids = manifest.grids
         self.sources: list[MaskSource] = list(manifest.mask.sources)
         self.last = EditStats()
+        #: measured run times behind the dense fallback of ``edit(mode="auto")``
+        self.cost = CostModel()
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
@@ -187,12 +193,18 @@ class Session:
     # ------------------------------------------------------------------ public API
     def dense(self, inputs: dict) -> dict[str, np.ndarray]:
         """Run the plain model; returns ``{output name: array}``."""
-        return self.backend.run_dense(self._check_inputs(inputs))
+        arrays = self._check_inputs(inputs)
+        t0 = time.perf_counter()
+        out = self.backend.run_dense(arrays)
+        self.cost.record_dense(time.perf_counter() - t0)
+        return out
 
     def prime(self, inputs: dict, cache_id: object = 0) -> dict[str, np.ndarray]:
         """Run the prime graph on the original input, keep its caches under ``cache_id``; returns the outputs."""
         arrays = self._check_inputs(inputs)
+        t0 = time.perf_counter()
         outputs, caches, nbytes = self.backend.run_prime(arrays)
+        self.cost.record_dense(time.perf_counter() - t0)  # a prime run bounds a dense run from above
         state = CacheState({k: v.copy() for k, v in arrays.items()}, outputs, caches, nbytes)
         with self._lock:
             self._states[cache_id] = state
@@ -217,8 +229,9 @@ class Session:
 
         ``mask`` (bool ``[H, W]`` at the finest grid's or any spatial input's resolution) defaults to
         where any spatial input differs from the primed one. Non-spatial inputs (a timestep) must
-        equal the primed values. ``mode`` is "auto" (dense fallback when sparse would not pay),
-        "sparse" or "dense". Raises ``SSICError`` for bad inputs, masks or modes; ``self.last``
+        equal the primed values. ``mode`` is "auto" (dense fallback when sparse would not pay: over
+        the artefact's ``fallback_ratio`` of the dense MACs, or predicted slower by the session's
+        measured :attr:`cost` model), "sparse" or "dense". Raises ``SSICError`` for bad inputs, masks or modes; ``self.last``
         (:class:`EditStats`) says what ran.
         """
         t0 = time.perf_counter()
@@ -243,15 +256,21 @@ class Session:
         stats.active_tiles = {g: int(v.shape[0]) for g, v in tiles.items()}
         stats.active_fraction = sum(stats.active_tiles.values()) / max(self.manifest.total_cells, 1)
         stats.macs = self.manifest.sparse_macs(stats.active_tiles)
-        use_dense = mode == "dense" or (
-            mode == "auto" and stats.macs > float(self.manifest.fallback_ratio) * stats.macs_dense)
-        if use_dense:
+        fraction = stats.macs / max(stats.macs_dense, 1)
+        if mode == "auto" and fraction > float(self.manifest.fallback_ratio):
+            stats.reason = "mac ratio"
+        elif mode == "auto" and self.cost.prefers_dense(fraction):
+            stats.reason = "measured"
+        run_start = time.perf_counter()
+        if mode == "dense" or stats.reason:
             out = self.backend.run_dense(arrays)
             stats.mode = "dense"
+            self.cost.record_dense(time.perf_counter() - run_start)
         else:
             feeds = {g.tiles_input: tiles[g.name] for g in self.grids}
             out = self.backend.run_sparse(arrays, feeds, state.caches)
             stats.mode = "sparse"
+            self.cost.record_sparse(fraction, time.perf_counter() - run_start)
         stats.seconds = time.perf_counter() - t0
         self.last = stats
         return out
