@@ -254,7 +254,13 @@ def chain_halos(model: ir.Model) -> dict[tuple[int, int], int]:
         hw = spatial_hw(outs[0])
         same = [radius.get(v, 0) for v in node.inputs if v is not None and spatial_hw(v) == hw]
         r = max(same, default=0)
-        if node.op_type == "Conv" and node.domain == "" and spatial_hw(node.inputs[0]) == hw:
+        if node.domain == "" and node.op_type == "Pad" and node.inputs[0] is not None:
+            # an explicit (reflect/edge/zero) pad before a valid conv: the chain goes on through it
+            r = radius.get(node.inputs[0], 0)
+        if node.op_type == "Conv" and node.domain == "" and node.inputs[0] is not None \
+                and set(node.attributes.get_ints("strides", [1, 1])) == {1} \
+                and (spatial_hw(node.inputs[0]) == hw or _is_pad(node.inputs[0])):
+            r = radius.get(node.inputs[0], 0)
             w = static_shape(node.inputs[1]) if node.inputs[1] is not None else None
             if w is not None and len(w) == 4:
                 dil = node.attributes.get_ints("dilations", [1, 1])
@@ -263,6 +269,11 @@ def chain_halos(model: ir.Model) -> dict[tuple[int, int], int]:
             radius[o] = r
         best[hw] = max(best.get(hw, 0), r)
     return {hw: max(1, min(r, MAX_GRAPH_HALO)) for hw, r in best.items()}
+
+
+def _is_pad(value: ir.Value) -> bool:
+    producer = value.producer()
+    return producer is not None and producer.domain == "" and producer.op_type == "Pad"
 
 
 def conv_macs(node: ir.Node) -> int:

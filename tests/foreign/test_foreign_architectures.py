@@ -24,9 +24,7 @@ from measure import measure  # noqa: E402
 NAMES = list(ARCHITECTURES)
 # issue 12's targets that fail today (main with this branch merged): (check, model) -> why;
 # check "*" covers every check of the model
-KNOWN_GAPS = {
-    ("psnr_in", "cyclegan"): "InstanceNorm with the default halo: 30 dB inside the edit (issue 12 section 2)",
-}
+KNOWN_GAPS: dict[tuple[str, str], str] = {}
 
 
 def _params(check: str, names=NAMES):

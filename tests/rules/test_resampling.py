@@ -128,3 +128,25 @@ def test_reflect_and_edge_pad_fold_into_the_gather(tmp_path, mode, lowering):
     edited[:, :, 0:2, 10:13] += 1.0
     np.testing.assert_allclose(sess.edit({"x": edited}, mode="sparse")["y"], sess.dense({"x": edited})["y"],
                                atol=1e-4, rtol=0)
+
+
+def test_graph_halo_follows_the_receptive_field_through_explicit_pads():
+    """Reflect pad + valid 3x3 conv, twice (CycleGAN/LaMa blocks): the grid's halo is the chain's
+    radius 2, as for two 'same' convs; it stopped at the Pad (halo 1) and CycleGAN lost 17 dB."""
+    import onnx
+    import onnx_ir as ir
+
+    from ssic.passes.analysis import chain_halos
+
+    rng = np.random.default_rng(0)
+    c = 4
+    pads = np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64)
+    nodes = [helper.make_node("Pad", ["x", "p"], ["xp"], mode="reflect"),
+             helper.make_node("Conv", ["xp", "a_w", "a_b"], ["a"]),
+             helper.make_node("Relu", ["a"], ["r"]),
+             helper.make_node("Pad", ["r", "p"], ["rp"], mode="reflect"),
+             helper.make_node("Conv", ["rp", "b_w", "b_b"], ["y"])]
+    inits = conv_params(rng, "a", c, 3, 3) | conv_params(rng, "b", 3, c, 3) | {"p": pads}
+    m = model(nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 3, 16, 16]}, inits)
+    m = onnx.shape_inference.infer_shapes(m)
+    assert chain_halos(ir.serde.deserialize_model(m))[(16, 16)] == 2
