@@ -415,13 +415,22 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
 @click.argument("artefact", type=click.Path())
 @click.option("--mask", "mask_file", default=None, help="Edit mask .npy (bool [H, W]).")
 @click.option("--area", type=float, default=None, callback=_finite, help="Synthetic brush-stroke mask of this area fraction (e.g. 0.05).")
+@click.option("--original", default=None, help="Image models: the original image (default: random inputs).")
+@click.option("--edited", default=None, help="Image models: the edited image (with --original; the mask is "
+              "where they differ unless --mask or --area is given).")
+@click.option("--resize", type=click.Choice(["fit", "crop", "pad"]), default=None,
+              help="Images not at the model's input size: how to place them (see ssic edit).")
 @click.option("--runs", type=click.IntRange(min=1), default=5, show_default=True, help="Timed runs (median reported).")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, show_default=True)
 @click.option("--threads", type=int, default=2, show_default=True, callback=_threads_option, help="Intra-op threads.")
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="One JSON object.")
-def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> None:
-    """Measure ONNX Runtime dense vs ssic sparse on one edit, alternately, and the output error."""
+def bench(artefact, mask_file, area, original, edited, resize, runs, warmup, threads, seed, as_json) -> None:
+    """Measure ONNX Runtime dense vs ssic sparse on one edit, alternately, and the output error.
+
+    The inputs are random (seeded) unless an image model gets --original and --edited images (at the
+    model's input size); the edit is --mask, a --area brush stroke, or where the images differ.
+    """
     import ssic
     from ssic.bench import benchmark, edited_inputs, example_inputs
 
@@ -429,7 +438,31 @@ def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> No
         raise SSICError("give --mask or --area, not both")
     if area is not None and not 0 < area <= 1:
         raise SSICError("--area must be in (0, 1]")
+    if (original is None) != (edited is None):
+        raise SSICError("give --original and --edited together")
+    for file, what in ((original, "original"), (edited, "edited")):
+        if file is not None and not Path(file).is_file():
+            raise SSICError(f"{what} file not found: {file}")
     sess = ssic.load(artefact, threads=threads)
+    if original is not None:
+        from ssic.editing import image_pair_inputs
+        from ssic.images import read_image, read_mask
+
+        user_mask = read_mask(mask_file, "mask") if mask_file else None
+        a, b, m, _ = image_pair_inputs(sess, read_image(original, "original"), read_image(edited, "edited"),
+                                       mask=user_mask, resize=resize)
+        name = sess.manifest.mask.primary.input
+        base = example_inputs(sess.manifest, seed)
+        if area is not None:
+            from ssic.masks import brush_stroke_mask
+
+            src = sess.manifest.mask.primary
+            m = brush_stroke_mask(src.height, src.width, area, seed)
+            b = np.where(m[None, None] if src.channel_axis == 1 else m[None, ..., None], b, a).astype(np.float32)
+        result = benchmark(sess, {**base, name: a}, {**base, name: b}, m, runs=runs, warmup=warmup,
+                           progress=lambda i, n: _log(f"run {i}/{n}", 1))
+        _print_bench(result, as_json)
+        return
     h, w = sess.manifest.mask.height, sess.manifest.mask.width
     if mask_file:
         from ssic.images import read_mask
@@ -443,6 +476,10 @@ def bench(artefact, mask_file, area, runs, warmup, threads, seed, as_json) -> No
     edited = edited_inputs(sess.manifest, original, mask, seed + 1)
     result = benchmark(sess, original, edited, mask, runs=runs, warmup=warmup,
                        progress=lambda i, n: _log(f"run {i}/{n}", 1))
+    _print_bench(result, as_json)
+
+
+def _print_bench(result: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(result))
         return

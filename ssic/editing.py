@@ -171,18 +171,27 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
             "summary": f"{st.mode} run in {1000 * secs:.0f} ms, {100 * st.active_fraction:.1f}% tiles active"}
 
 
-def _edit_images(session, a, b, *, mask, extra, log, resize, value_range) -> dict:
-    """Prime on image ``a``, edit to image ``b`` (``[H, W, 3|4]``) with an image model; see :func:`edit_files`."""
+def image_pair_inputs(session, a, b, *, mask=None, resize: str | None = None,
+                      value_range: tuple[float, float] | None = None):
+    """An image pair as an image model's inputs: ``(x_a, x_b, mask, placement)``.
+
+    ``a``/``b``: ``[H, W, 3|4]`` uint8 or float in [0, 1]. ``x_a``/``x_b``: float32 ``[1, 3, h, w]``
+    (NHWC where the model's image input is) in ``value_range`` (default :func:`image_range` of the
+    family) at the main input's size ``h x w`` (placed by ``resize``); ``mask``: bool at the model
+    input's size (where the images differ by more than half an 8-bit level, or the given one).
+    Raises ``SSICError`` when the model has no RGB image input or the sizes do not fit.
+    """
     src = session.manifest.mask.primary
     if not src.input:
         raise SSICError("this model has no image input to take the images")
     spec = session.manifest.input(src.input)
     if len(spec.shape) != 4 or spec.shape[src.channel_axis] != 3:
         raise SSICError(f"input '{src.input}' has shape {list(spec.shape)}, not an RGB image; give .npy model inputs")
-    lo, hi = value_range
+    if np.shape(a) != np.shape(b):
+        raise SSICError(f"original and edited differ in shape: {list(np.shape(a))} vs {list(np.shape(b))}")
+    lo, hi = value_range or image_range(session.manifest.model.family)
     fa, fb = (image_to_model(x)[0].transpose(1, 2, 0) * 0.5 + 0.5 for x in (a, b))  # [H, W, 3] in [0, 1]
-    hw = (src.height, src.width)
-    place = Placement.plan(fa.shape[:2], hw, resize)
+    place = Placement.plan(fa.shape[:2], (src.height, src.width), resize)
     if mask is None:
         mask = (np.abs(fa - fb) > 0.5 / 255).any(axis=2)
     mask = _input_mask(mask, fa.shape[:2])
@@ -191,9 +200,17 @@ def _edit_images(session, a, b, *, mask, extra, log, resize, value_range) -> dic
         x = place.to_model(x) * (hi - lo) + lo
         return (x.transpose(2, 0, 1) if src.channel_axis == 1 else x)[None].astype(np.float32).copy()
 
+    return model_input(fa), model_input(fb), session.check_mask(place.mask_to_model(mask)), place
+
+
+def _edit_images(session, a, b, *, mask, extra, log, resize, value_range) -> dict:
+    """Prime on image ``a``, edit to image ``b`` (``[H, W, 3|4]``) with an image model; see :func:`edit_files`."""
+    src = session.manifest.mask.primary
+    lo, hi = value_range
+    xa, xb, m, place = image_pair_inputs(session, a, b, mask=mask, resize=resize, value_range=value_range)
+    fb = image_to_model(b)[0].transpose(1, 2, 0) * 0.5 + 0.5
+    hw = (src.height, src.width)
     name = src.input
-    xa, xb = model_input(fa), model_input(fb)
-    m = session.check_mask(place.mask_to_model(mask))
     start = time.perf_counter()
     session.prime({**(extra or {}), name: xa})
     prime_s = time.perf_counter() - start
