@@ -1,8 +1,8 @@
 """Trained Real-ESRGAN and OIDN: ssic sparse vs ONNX Runtime dense vs the package's own engine.
 
 The grid of issue 13: Real-ESRGAN x4plus at 128/256/512 input and OIDN rt_ldr at 512/1024, each on
-the real church edit (``../shared/data/edits``) and brush-stroke edits of 1.2/5/15/30% of the image
-(the stroke's pixels take the mirrored image: a content change). Per row: ONNX Runtime dense time
+the real church edit (``../shared/data/edits``), brush-stroke edits of 1.2/5/15/30% of the image
+and compact (square) edits of 1.2/5% (the edited pixels take the mirrored image: a content change). Per row: ONNX Runtime dense time
 (median over the size's edits: its cost does not depend on the content), ssic sparse time (median
 after a warm-up), speedup, MAC ratio and efficiency (speedup / MAC ratio), PSNR of sparse vs dense
 over the whole output (peak 1: outputs are images in [0, 1]), cache memory of the primed state and
@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 GRID = ["realesrgan:128", "realesrgan:256", "realesrgan:512", "oidn:512", "oidn:1024"]
 AREAS = [0.012, 0.05, 0.15, 0.30]
+COMPACT_AREAS = [0.012, 0.05]  # the issue's quality targets are for compact edits
 VARIANT = {"realesrgan": "x4plus", "oidn": "rt_ldr"}
 BEGIN, END = "<!-- trained grid: begin (bench/trained_grid.py) -->", "<!-- trained grid: end -->"
 
@@ -51,6 +52,17 @@ def brush_pair(base: np.ndarray, area: float, seed: int) -> tuple[np.ndarray, np
     from ssic.masks import brush_stroke_mask
 
     m = brush_stroke_mask(base.shape[0], base.shape[1], area, seed)
+    return m, np.where(m[..., None], base[:, ::-1], base).astype(np.float32)
+
+
+def box_pair(base: np.ndarray, area: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A compact edit: a square of ``area`` of the image at a seeded place takes the mirrored image."""
+    h, w = base.shape[:2]
+    side = max(1, round((area * h * w) ** 0.5))
+    rng = np.random.default_rng(seed)
+    y0, x0 = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+    m = np.zeros((h, w), bool)
+    m[y0:y0 + side, x0:x0 + side] = True
     return m, np.where(m[..., None], base[:, ::-1], base).astype(np.float32)
 
 
@@ -99,6 +111,9 @@ def run_one(spec: str, out: Path, runs: int, threads: int, log) -> list[dict]:
     for k, area in enumerate(AREAS):
         m, b = brush_pair(a, area, seed=10 + k)
         edits.append((f"brush {100 * area:g}%", m, b))
+    for k, area in enumerate(COMPACT_AREAS):
+        m, b = box_pair(a, area, seed=20 + k)
+        edits.append((f"square {100 * area:g}%", m, b))
     original = model_input(name, a, noise)
     t0 = time.perf_counter()
     sess.prime(original)
@@ -166,7 +181,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for j, (name, size) in enumerate(specs):
         sel = sorted((r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("brush")),
                      key=lambda r: r["edited_fraction"])
-        real = [r for r in rows if (r["model"], r["size"]) == (name, size) and not r["edit"].startswith("brush")]
+        real = [r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("church")]
+        square = [r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("square")]
         x = [100 * r["edited_fraction"] for r in sel]
         ax = axes[0][j]
         ax.plot(x, [r["speedup"] for r in sel], "o-", label="ssic sparse vs ORT dense")
@@ -176,6 +192,9 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.axhline(sel[0]["dense_s"] / pkg, color="tab:green", ls=":", label="package engine (dense)")
         for r in real:
             ax.plot([100 * r["edited_fraction"]], [r["speedup"]], "r*", ms=11, label="church edit")
+        if square:
+            ax.plot([100 * r["edited_fraction"] for r in square], [r["speedup"] for r in square], "kD", ms=6,
+                    label="square edit")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -188,6 +207,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.plot(x, [min(r["psnr"], 80) for r in sel], "o-")
         for r in real:
             ax.plot([100 * r["edited_fraction"]], [min(r["psnr"], 80)], "r*", ms=11)
+        ax.plot([100 * r["edited_fraction"] for r in square], [min(r["psnr"], 80) for r in square], "kD", ms=6)
         ax.axhline(40 if name == "realesrgan" else 45, color="grey", ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_xticks([1, 2, 5, 10, 30], ["1", "2", "5", "10", "30"])

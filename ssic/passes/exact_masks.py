@@ -120,7 +120,7 @@ def _bounded(mg: MaskGraph, idx: str, grid: Grid, mask_inputs: list[tuple[str, t
     gh, gw = grid.cells
     edit = mg.union([mg.resize_any(n, hw, (H, W)) for n, hw in mask_inputs])
     r = max(1, int(-(-radius * max(H / mask_hw[0], W / mask_hw[1]) // 1)))
-    near = mg.op("MaxPool", [edit], kernel_shape=[2 * r + 1, 2 * r + 1], pads=[r, r, r, r])
+    near = mg.dilate(edit, r)
     budget = mg.op("MaxPool", [near], kernel_shape=[t, t], strides=[t, t], ceil_mode=1)
     budget = mg.op("Reshape", [budget, mg.const(np.array([gh, gw], np.int64))])
     cells = mg.op("Div", [idx, mg.const(np.array(t, np.int64))])
