@@ -122,7 +122,8 @@ def _run_sparsify(state: CompileState, log) -> bool:
     from ssic.passes.sparsify import SparsifyPass
 
     state.sparse = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
-    state.result = SparsifyPass(state.plan, gn_stats=state.options.gn_stats)(state.sparse)
+    state.result = SparsifyPass(state.plan, gn_stats=state.options.gn_stats,
+                                cache_dtype=state.options.cache_dtype)(state.sparse)
     n_sparse = sum(d.sparse for d in state.result.decisions)
     log(f"  {n_sparse}/{len(state.result.decisions)} convs sparse, {len(state.result.caches)} caches")
     if n_sparse == 0:
