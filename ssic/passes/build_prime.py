@@ -13,7 +13,6 @@ import onnx_ir as ir
 
 from ssic.passes.sparsify import CacheSpec, GroupNormStats
 
-
 _IR_DTYPES = {"float64": ir.DataType.DOUBLE, "float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
 
 
