@@ -180,18 +180,21 @@ class SparsifyContext:
 
     def cache(self, value: ir.Value, layout: str, layer: str | None) -> ir.Value:
         """The sparse graph input holding ``value``'s prime-run value (``"NCHW"`` or ``"NHWC"``), of
-        type ``self.cache_dtype``: only ``TileGather`` and ``TileScatter`` read it (both accept float16)."""
+        type ``self.cache_dtype``: only ``TileGather`` and ``TileScatter`` read it (both accept float16).
+        A model output's own NCHW cache stays float32: its pixels outside the active tiles are returned
+        as they are, so they stay the primed output exactly (one tensor, usually a few channels)."""
         key = (value.name, layout)
         if key not in self.cache_inputs:
             _, c, h, w = static_shape(value)
             cshape = (1, c, h, w) if layout == "NCHW" else (h, w, c)
             name = f"ssic.cache.{layout.lower()}.{value.name}"
-            irtype = ir.DataType.FLOAT16 if self.cache_dtype == "float16" else ir.DataType.FLOAT
+            dtype = "float32" if layout == "NCHW" and value.is_graph_output() else self.cache_dtype
+            irtype = ir.DataType.FLOAT16 if dtype == "float16" else ir.DataType.FLOAT
             inp = ir.Value(name=name, shape=ir.Shape(cshape), type=ir.TensorType(irtype))
             self.graph.inputs.append(inp)
             self.cache_inputs[key] = inp
             self.result.caches.append(CacheSpec(name, value.name, layout, cshape, "activation", f"{h}x{w}", layer,
-                                                self.cache_dtype))
+                                                dtype))
         return self.cache_inputs[key]
 
     def stat_input(self, name: str, source: ir.Value, channels: int, kind: str, grid: Grid, layer: str,
