@@ -55,9 +55,6 @@ TYPE_CONSTRAINTS: dict[str, tuple[tuple[str, ...], str]] = {
     "I": (("tensor(int64)",), "tile corners"),
 }
 
-#: NumPy dtypes a ``cache`` input may have.
-CACHE_DTYPES = (np.float32, np.float16)
-
 
 @dataclass(frozen=True)
 class AttrSpec:
