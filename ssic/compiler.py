@@ -377,7 +377,7 @@ def compile_model(
     custom ops) or ``"standard"`` (stock ONNX ops), default: the one that will run. Every other option
     is a keyword of :class:`ssic.options.CompileOptions` (``exact``, ``sparse_min_res``, ``tile``,
     ``tiles``, ``mask_eps``, ``mask_radius``, ``level_dilation``, ``halo``, ``halos``,
-    ``fallback_ratio``, ``gn_stats``, ``disabled_passes``, ``input_shapes``); unset ones come from the
+    ``fallback_ratio``, ``gn_stats``, ``cache_dtype``, ``disabled_passes``, ``input_shapes``); unset ones come from the
     model's metadata and family defaults. ``force`` replaces an existing *artefact* at ``output_dir``.
     ``log`` receives progress lines (pass timings, the lowering chosen and why).
     Raises ``SSICError`` (one line) for bad input; nothing is written then.
