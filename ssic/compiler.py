@@ -122,7 +122,8 @@ def _run_sparsify(state: CompileState, log) -> bool:
     from ssic.passes.sparsify import SparsifyPass
 
     state.sparse = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
-    state.result = SparsifyPass(state.plan, gn_stats=state.options.gn_stats)(state.sparse)
+    state.result = SparsifyPass(state.plan, gn_stats=state.options.gn_stats,
+                                cache_dtype=state.options.cache_dtype)(state.sparse)
     n_sparse = sum(d.sparse for d in state.result.decisions)
     log(f"  {n_sparse}/{len(state.result.decisions)} convs sparse, {len(state.result.caches)} caches")
     if n_sparse == 0:
@@ -376,7 +377,7 @@ def compile_model(
     custom ops) or ``"standard"`` (stock ONNX ops), default: the one that will run. Every other option
     is a keyword of :class:`ssic.options.CompileOptions` (``exact``, ``sparse_min_res``, ``tile``,
     ``tiles``, ``mask_eps``, ``mask_radius``, ``level_dilation``, ``halo``, ``halos``,
-    ``fallback_ratio``, ``gn_stats``, ``disabled_passes``, ``input_shapes``); unset ones come from the
+    ``fallback_ratio``, ``gn_stats``, ``cache_dtype``, ``disabled_passes``, ``input_shapes``); unset ones come from the
     model's metadata and family defaults. ``force`` replaces an existing *artefact* at ``output_dir``.
     ``log`` receives progress lines (pass timings, the lowering chosen and why).
     Raises ``SSICError`` (one line) for bad input; nothing is written then.

@@ -12,6 +12,11 @@ Tile-index conventions shared by reference and kernels (docs leave them open):
   inside the image; anything else is an error (``ValueError`` here, a runtime error in the kernels).
 - If the same tile appears twice, the later entry wins.
 - ``dst_idx`` may hold any top-left corner; pixels outside the source image read as zero.
+
+Types: every input and output is float32 except the ``cache`` input, which may also be float16 (type
+constraint ``TC``: the compiler's ``cache_dtype="float16"`` stores the prime run's activations at
+half the memory). The kernels convert each cached value to float32 exactly as it is read (float16 ->
+float32 is exact), so the result equals the float32 op on ``cache.astype(float32)``.
 """
 
 from __future__ import annotations
@@ -42,6 +47,13 @@ PAD_REFLECT = 1
 PAD_EDGE = 2
 
 DEFAULT_ALPHA = 0.01  # same default as ONNX LeakyRelu
+
+#: Type constraints of the ops' inputs/outputs: name -> (allowed ONNX types, description).
+TYPE_CONSTRAINTS: dict[str, tuple[tuple[str, ...], str]] = {
+    "T": (("tensor(float)",), "float tensors"),
+    "TC": (("tensor(float)", "tensor(float16)"), "the cache: float32, or float16 (converted on read)"),
+    "I": (("tensor(int64)",), "tile corners"),
+}
 
 
 @dataclass(frozen=True)
@@ -128,7 +140,8 @@ TILE_GATHER = OpSpec(
     name="TileGather",
     inputs=(
         InputSpec("tiles", "T", doc="[m*ts*ts, C] new tiles of the source (m may be 0)"),
-        InputSpec("cache", "T", doc="[Hs, Ws, C] (src_layout 0) or [1, C, Hs, Ws] (src_layout 1)"),
+        InputSpec("cache", "TC", doc="[Hs, Ws, C] (src_layout 0) or [1, C, Hs, Ws] (src_layout 1); float32 "
+                  "or float16"),
         InputSpec("src_idx", "I", doc="[m, 2] top-left (y, x) of each source tile"),
         InputSpec("dst_idx", "I", doc="[n, 2] top-left (y, x) of each output tile"),
         InputSpec("scale", "T", optional=True, doc="[C] per-channel scale"),
@@ -150,21 +163,22 @@ TILE_GATHER = OpSpec(
                  choices=(PAD_ZEROS, PAD_REFLECT, PAD_EDGE)),
     ),
     doc="im2col rows of a conv's input read from new source tiles where they cover a pixel, "
-    "else from the cache; zero outside the image; fused per-channel scale/shift and activation.",
+    "else from the cache (float32 or float16, converted on read); zero outside the image; fused "
+    "per-channel scale/shift and activation. Output float32.",
 )
 
 TILE_SCATTER = OpSpec(
     name="TileScatter",
     inputs=(
         InputSpec("tiles", "T", doc="[n*t*t, C] tile tensor"),
-        InputSpec("cache", "T", doc="[1, C, H, W] NCHW full tensor"),
+        InputSpec("cache", "TC", doc="[1, C, H, W] NCHW full tensor; float32 or float16"),
         InputSpec("idx", "I", doc="[n, 2] top-left (y, x) of each tile"),
         InputSpec("residual", "T", optional=True, doc="[n*t*t, C] added to the tiles"),
     ),
     outputs=(InputSpec("out", "T", doc="[1, C, H, W] cache with the active tiles overwritten"),),
     attributes=(AttrSpec("tile", int, None, "tile size t", min=1), *_ACT_ATTRS),
-    doc="Materialise a full NCHW tensor: the cache with every active tile's in-image pixels "
-    "replaced by act(tiles + residual).",
+    doc="Materialise a full float32 NCHW tensor: the cache (float32 or float16) with every active "
+    "tile's in-image pixels replaced by act(tiles + residual).",
 )
 
 OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER}
@@ -289,8 +303,8 @@ def _make_schema(spec: OpSpec) -> defs.OpSchema:
     schema = defs.OpSchema(
         spec.name, DOMAIN, spec.version, spec.doc,
         inputs=inputs, outputs=outputs,
-        type_constraints=[("T", ["tensor(float)"], "float tensors"),
-                          ("I", ["tensor(int64)"], "tile corners")],
+        type_constraints=[(name, list(types), doc) for name, (types, doc) in TYPE_CONSTRAINTS.items()
+                          if name in {p.type_str for p in (*spec.inputs, *spec.outputs)}],
         attributes=attrs,
     )
     schema.set_type_and_shape_inference_function(_INFER[spec.name])
@@ -326,6 +340,11 @@ def apply_activation(x: np.ndarray, activation: int, alpha: float = DEFAULT_ALPH
     raise ValueError(f"unknown activation code {activation}")
 
 
+def _cache_as_float32(cache) -> np.ndarray:
+    """The ``cache`` input as float32 (a float16 cache widens exactly, as the kernels read it)."""
+    return np.asarray(cache).astype(np.float32)
+
+
 def _check_idx(idx: np.ndarray, t: int, h: int, w: int, what: str) -> np.ndarray:
     idx = np.asarray(idx, dtype=np.int64).reshape(-1, 2)
     if idx.size and (np.any(idx % t != 0) or np.any(idx < 0) or np.any(idx[:, 0] >= h)
@@ -356,8 +375,12 @@ def tile_gather_ref(tiles, cache, src_idx, dst_idx, scale=None, shift=None, *, s
                     tile: int, kernel: int, stride: int = 1, pad_top: int = 0, pad_left: int = 0,
                     upsample: int = 1, activation: int = ACT_IDENTITY, alpha: float = DEFAULT_ALPHA,
                     src_layout: int = LAYOUT_NHWC, pad_mode: int = PAD_ZEROS) -> np.ndarray:
-    """Return the TileGather output ``cols`` ``[n*t*t, k*k*C]`` (float32)."""
-    cache = np.asarray(cache, dtype=np.float32)
+    """Return the TileGather output ``cols`` ``[n*t*t, k*k*C]`` (float32).
+
+    ``cache`` may be float32 or float16 (read as its exact float32 value); every other float input
+    is float32. Raises ``ValueError`` for invalid tile corners.
+    """
+    cache = _cache_as_float32(cache)
     if src_layout == LAYOUT_NHWC:
         src = cache.copy()
     elif src_layout == LAYOUT_NCHW:
@@ -401,8 +424,10 @@ def tile_gather_ref(tiles, cache, src_idx, dst_idx, scale=None, shift=None, *, s
 
 def tile_scatter_ref(tiles, cache, idx, residual=None, *, tile: int,
                      activation: int = ACT_IDENTITY, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
-    """Return the TileScatter output: ``cache`` ([1, C, H, W]) with the active tiles replaced."""
-    cache = np.asarray(cache, dtype=np.float32)
+    """Return the TileScatter output (float32 ``[1, C, H, W]``): ``cache`` (float32 or float16, read
+    as its exact float32 value) with the active tiles replaced. Raises ``ValueError`` for invalid tile
+    corners."""
+    cache = _cache_as_float32(cache)
     _, c, h, w = cache.shape
     idx = _check_idx(idx, tile, h, w, "TileScatter idx")
     vals = np.asarray(tiles, dtype=np.float32).reshape(-1, c)

@@ -87,6 +87,10 @@ ROWS = {
     "gn_stats": ("cached", lambda a, b: {c.kind for c in read_manifest(b).caches} >= {"gn_scale", "gn_shift"}
                  and not {c.kind for c in read_manifest(b).caches} & {"gn_sum", "gn_sumsq"}
                  and _digest(a, "sparse.onnx") != _digest(b, "sparse.onnx"), "GroupNorm caches"),
+    "cache_dtype": ("float32", lambda a, b: "float16" in {c.dtype for c in read_manifest(a).caches if c.kind == "activation"}
+                    and {c.dtype for c in read_manifest(b).caches if c.kind == "activation"} == {"float32"}
+                    and read_manifest(b).cache_bytes() > read_manifest(a).cache_bytes()
+                    and _digest(a, "prime.onnx") != _digest(b, "prime.onnx"), "cache types and sizes"),
     "disabled_passes": (["cse"], lambda a, b: "preprocess/cse" in {p["name"] for p in read_manifest(a).passes}
                         and "preprocess/cse" not in {p["name"] for p in read_manifest(b).passes}, "passes run"),
     "input_shapes": ({"x": [1, 3, 32, 32]}, lambda a, b: read_manifest(b).options.input_shapes == {"x": [1, 3, 32, 32]},

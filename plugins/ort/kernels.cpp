@@ -3,11 +3,76 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SSIC_F16C_DISPATCH 1
+#endif
 
 #include "../common/tile_geometry.h"
 
 namespace ssic {
+
+// Portable float16 -> float32 on the bits, branch-free so that loops over it vectorise: the
+// exponent/mantissa field moves to float position and the exponent is rebiased (15 -> 127);
+// exponent 31 (inf/NaN) is rebiased to 255; exponent 0 (zero/subnormal, value m * 2^-24) is built
+// as the normal float (2^-14 + m * 2^-24) minus 2^-14, which is exact.
+float half_to_float(uint16_t h) {
+  const uint32_t em = static_cast<uint32_t>(h & 0x7fffu) << 13;
+  const uint32_t exp = em & 0x0f800000u;
+  uint32_t bits = em + (112u << 23);
+  bits = exp == 0x0f800000u ? bits + (112u << 23) : bits;
+  float normal, shifted, two_m14;
+  std::memcpy(&normal, &bits, sizeof bits);
+  const uint32_t sub_bits = em + (113u << 23), m14_bits = 113u << 23;
+  std::memcpy(&shifted, &sub_bits, sizeof sub_bits);
+  std::memcpy(&two_m14, &m14_bits, sizeof m14_bits);
+  const float magnitude = exp == 0 ? shifted - two_m14 : normal;
+  uint32_t out;
+  std::memcpy(&out, &magnitude, sizeof out);
+  out |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  float f;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+namespace {
+
+void halfs_to_floats_portable(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+
+#ifdef SSIC_F16C_DISPATCH
+// VCVTPH2PS, 8 values at a time (the library is built for x86-64-v2, which lacks F16C).
+__attribute__((target("avx,f16c"))) void halfs_to_floats_f16c(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+#endif
+
+using HalfConverter = void (*)(const uint16_t*, float*, int64_t);
+
+HalfConverter pick_half_converter() {
+  const char* off = std::getenv("SSIC_DISABLE_F16C");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return halfs_to_floats_portable;
+#ifdef SSIC_F16C_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) return halfs_to_floats_f16c;
+#endif
+  return halfs_to_floats_portable;
+}
+
+}  // namespace
+
+void halfs_to_floats(const uint16_t* src, float* dst, int64_t n) {
+  static const HalfConverter convert = pick_half_converter();
+  convert(src, dst, n);
+}
+
 namespace {
 
 // exp(x) for the swish activation, branch-free so the compiler vectorises the channel loop
@@ -84,6 +149,27 @@ inline void transform(const float* __restrict src, int64_t stride, const float* 
   }
 }
 
+// One cached pixel's C channels (stride 1: NHWC, else the NCHW plane size) through the epilogue into
+// dst. A float16 cache is converted first, into dst itself when there is no epilogue, else into buf.
+template <int64_t Act, bool Affine>
+inline void read_cached(const float* src, int64_t stride, const float* scale, const float* shift,
+                        ActArgs act, float* dst, int64_t channels, float* /*buf*/) {
+  transform<Act, Affine>(src, stride, scale, shift, act, dst, channels);
+}
+
+template <int64_t Act, bool Affine>
+inline void read_cached(const uint16_t* src, int64_t stride, const float* scale, const float* shift,
+                        ActArgs act, float* dst, int64_t channels, float* buf) {
+  constexpr bool plain = Act == kIdentity && !Affine;
+  float* tmp = plain ? dst : buf;
+  if (stride == 1) {
+    halfs_to_floats(src, tmp, channels);
+  } else {
+    for (int64_t c = 0; c < channels; ++c) tmp[c] = half_to_float(src[c * stride]);
+  }
+  if (!plain) transform<Act, Affine>(tmp, 1, scale, shift, act, dst, channels);
+}
+
 // Map from tile cell to the index of the tile covering it (-1 = not active); later entries win.
 std::string build_cell_map(const TileGrid& grid, const int64_t* idx, int64_t count, const char* what,
                            std::vector<int32_t>& map) {
@@ -100,10 +186,10 @@ std::string build_cell_map(const TileGrid& grid, const int64_t* idx, int64_t cou
   return {};
 }
 
-template <int64_t Act, bool Affine>
-void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<int32_t>& cells,
-                 const TileGrid& grid, const float* scale, const float* shift,
-                 const ParallelFor& pfor) {
+template <int64_t Act, bool Affine, typename CacheT>
+void gather_impl(const GatherParams& p, const GatherArgs& a, const CacheT* cache,
+                 const std::vector<int32_t>& cells, const TileGrid& grid, const float* scale,
+                 const float* shift, const ParallelFor& pfor) {
   const int64_t t = p.tile, k = p.kernel, C = a.channels;
   const int64_t row_len = k * k * C;
   const bool nhwc = p.src_layout == 0;
@@ -114,6 +200,7 @@ void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<i
   // One work item = one row py of one output tile i: t*k*k*C floats written contiguously.
   pfor(a.n * t, [&](int64_t begin, int64_t end) {
     std::vector<int64_t> sy(static_cast<size_t>(k)), sx(static_cast<size_t>(t * k));
+    std::vector<float> buf(static_cast<size_t>(C));  // one converted float16 pixel
     for (int64_t item = begin; item < end; ++item) {
       const int64_t i = item / t, py = item % t;
       const int64_t dy = a.dst_idx[2 * i], dx = a.dst_idx[2 * i + 1];
@@ -136,11 +223,9 @@ void gather_impl(const GatherParams& p, const GatherArgs& a, const std::vector<i
               const float* src = a.tiles + tile_row(grid, j, y, x) * C;
               transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
             } else if (nhwc) {
-              const float* src = a.cache + (y * a.ws + x) * C;
-              transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
+              read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, scale, shift, act, dst, C, buf.data());
             } else {
-              const float* src = a.cache + y * a.ws + x;
-              transform<Act, Affine>(src, plane, scale, shift, act, dst, C);
+              read_cached<Act, Affine>(cache + y * a.ws + x, plane, scale, shift, act, dst, C, buf.data());
             }
           }
         }
@@ -186,6 +271,7 @@ void scatter_impl(const ScatterParams& p, const ScatterArgs& a, const std::vecto
 }  // namespace
 
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor) {
+  if ((a.cache == nullptr) == (a.cache_f16 == nullptr)) return "TileGather: exactly one cache pointer must be set";
   const TileGrid grid = make_grid(a.hs, a.ws, p.src_tile);
   std::vector<int32_t> cells;
   std::string err = build_cell_map(grid, a.src_idx, a.m, "TileGather src_idx", cells);
@@ -205,11 +291,18 @@ std::string tile_gather(const GatherParams& p, const GatherArgs& a, const Parall
     shift = zeros.data();
   }
   // Activation and affine are template parameters: the channel loop has no branches.
-#define SSIC_GATHER(ACT)                                                            \
-  if (affine)                                                                       \
-    gather_impl<ACT, true>(p, a, cells, grid, scale, shift, pfor);                  \
-  else                                                                              \
-    gather_impl<ACT, false>(p, a, cells, grid, scale, shift, pfor);
+  // So is the cache type (float32 or float16).
+#define SSIC_GATHER_CACHE(ACT, AFFINE)                                                        \
+  if (a.cache_f16)                                                                            \
+    gather_impl<ACT, AFFINE>(p, a, a.cache_f16, cells, grid, scale, shift, pfor);             \
+  else                                                                                        \
+    gather_impl<ACT, AFFINE>(p, a, a.cache, cells, grid, scale, shift, pfor);
+#define SSIC_GATHER(ACT)             \
+  if (affine) {                      \
+    SSIC_GATHER_CACHE(ACT, true)     \
+  } else {                           \
+    SSIC_GATHER_CACHE(ACT, false)    \
+  }
   switch (p.activation) {
     case kIdentity: SSIC_GATHER(kIdentity) break;
     case kRelu: SSIC_GATHER(kRelu) break;
@@ -218,21 +311,27 @@ std::string tile_gather(const GatherParams& p, const GatherArgs& a, const Parall
     default: return "TileGather: unknown activation " + std::to_string(p.activation);
   }
 #undef SSIC_GATHER
+#undef SSIC_GATHER_CACHE
   return {};
 }
 
 std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor) {
+  if ((a.cache == nullptr) == (a.cache_f16 == nullptr)) return "TileScatter: exactly one cache pointer must be set";
   const TileGrid grid = make_grid(a.height, a.width, p.tile);
   std::vector<int32_t> cells;
   std::string err = build_cell_map(grid, a.idx, a.n, "TileScatter idx", cells);
   if (!err.empty()) return err;
 
-  // Copy of the cache, in chunks of 16K floats so that both threads share it.
+  // Copy of the cache (converted when float16), in chunks of 16K values so that both threads share it.
   const int64_t total = a.channels * a.height * a.width;
   constexpr int64_t kChunk = 1 << 14;
   pfor((total + kChunk - 1) / kChunk, [&](int64_t begin, int64_t end) {
     const int64_t lo = begin * kChunk, hi = std::min(total, end * kChunk);
-    if (hi > lo) std::memcpy(a.out + lo, a.cache + lo, sizeof(float) * (hi - lo));
+    if (hi <= lo) return;
+    if (a.cache_f16)
+      halfs_to_floats(a.cache_f16 + lo, a.out + lo, hi - lo);
+    else
+      std::memcpy(a.out + lo, a.cache + lo, sizeof(float) * (hi - lo));
   });
   if (a.n == 0) return {};
   switch (p.activation) {

@@ -23,9 +23,12 @@ struct GatherParams {
   int64_t pad_mode;    // 0 zeros, 1 reflect, 2 edge (PadMode in tile_geometry.h)
 };
 
+// A cache is float32 or float16 (IEEE binary16 bits): exactly one of cache / cache_f16 is set; a
+// float16 value is converted to float32 as it is read.
 struct GatherArgs {
   const float* tiles;    // [m*ts*ts, C]
-  const float* cache;    // NHWC or NCHW
+  const float* cache;    // NHWC or NCHW, float32 (or nullptr)
+  const uint16_t* cache_f16;  // NHWC or NCHW, float16 (or nullptr)
   const int64_t* src_idx;  // [m, 2]
   const int64_t* dst_idx;  // [n, 2]
   const float* scale;    // [C] or nullptr
@@ -42,12 +45,19 @@ struct ScatterParams {
 
 struct ScatterArgs {
   const float* tiles;     // [n*t*t, C]
-  const float* cache;     // [1, C, H, W]
+  const float* cache;     // [1, C, H, W], float32 (or nullptr)
+  const uint16_t* cache_f16;  // [1, C, H, W], float16 (or nullptr)
   const int64_t* idx;     // [n, 2]
   const float* residual;  // [n*t*t, C] or nullptr
   int64_t n, height, width, channels;
   float* out;             // [1, C, H, W]
 };
+
+// float16 (IEEE binary16 bits) -> float32, exact for every value (subnormals, infinities, NaNs).
+float half_to_float(uint16_t h);
+// dst[i] = half_to_float(src[i]) for i < n: F16C instructions where the CPU has them (checked at run
+// time; SSIC_DISABLE_F16C=1 in the environment forces the portable path), else portable code.
+void halfs_to_floats(const uint16_t* src, float* dst, int64_t n);
 
 // Both return an empty string on success, else an error message (no exceptions cross threads).
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor);

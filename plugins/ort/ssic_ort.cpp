@@ -24,6 +24,8 @@ namespace {
 using Ort::Custom::Tensor;
 using OptionalTensor = std::optional<const Tensor<float>*>;
 
+static_assert(sizeof(Ort::Float16_t) == sizeof(uint16_t), "Ort::Float16_t must be the bare binary16 bits");
+
 constexpr const char* kDomain = "ssic";
 constexpr int kOpVersion = 1;
 
@@ -117,6 +119,12 @@ View<T> raw_input(OrtKernelContext* ctx, size_t i) {
 
 using Allocator = std::function<float*(const std::vector<int64_t>&)>;
 
+// A cache input goes to the kernels as float32 or as float16 bits (kernels.h: exactly one pointer set).
+void set_cache(const float* data, const float*& f32, const uint16_t*& /*f16*/) { f32 = data; }
+void set_cache(const Ort::Float16_t* data, const float*& /*f32*/, const uint16_t*& f16) {
+  f16 = reinterpret_cast<const uint16_t*>(data);
+}
+
 Allocator raw_output(OrtKernelContext* ctx) {
   return [ctx](const std::vector<int64_t>& shape) {
     return Ort::KernelContext(ctx).GetOutput(0, shape).GetTensorMutableData<float>();
@@ -162,6 +170,10 @@ OrtCustomOp* create_op(const char* name) {
   return op;
 }
 
+// Each op is registered twice, with a float32 and with a float16 `cache` input (CacheT): ONNX Runtime
+// merges the two into one schema and picks the kernel by the cache's type. Every other input and the
+// output are float32 in both.
+template <typename CacheT>
 struct TileGatherKernel {
   ssic::GatherParams p{};
   std::string attr_error;
@@ -187,7 +199,7 @@ struct TileGatherKernel {
     if (attr_error.empty() && (p.pad_mode < 0 || p.pad_mode > 2)) attr_error = "pad_mode must be 0..2";
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<float>& cache,
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<CacheT>& cache,
                       const Tensor<int64_t>& src_idx, const Tensor<int64_t>& dst_idx, OptionalTensor scale,
                       OptionalTensor shift, Tensor<float>& cols) {
     return Run(ctx, view(tiles), view(cache), view(src_idx), view(dst_idx), view(scale), view(shift),
@@ -195,11 +207,11 @@ struct TileGatherKernel {
   }
 
   Ort::Status ComputeRaw(OrtKernelContext* ctx) {
-    return Run(ctx, raw_input<float>(ctx, 0), raw_input<float>(ctx, 1), raw_input<int64_t>(ctx, 2),
+    return Run(ctx, raw_input<float>(ctx, 0), raw_input<CacheT>(ctx, 1), raw_input<int64_t>(ctx, 2),
                raw_input<int64_t>(ctx, 3), raw_input<float>(ctx, 4), raw_input<float>(ctx, 5), raw_output(ctx));
   }
 
-  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<float>& cache,
+  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<CacheT>& cache,
                   const View<int64_t>& src_idx, const View<int64_t>& dst_idx, const View<float>& scale,
                   const View<float>& shift, const Allocator& allocate) {
     try {
@@ -229,7 +241,7 @@ struct TileGatherKernel {
       if (err.empty()) a.shift = optional_vector(shift, a.channels, "shift", err);
       if (!err.empty()) return invalid(err);
       a.tiles = tiles.data;
-      a.cache = cache.data;
+      set_cache(cache.data, a.cache, a.cache_f16);
       a.src_idx = src_idx.data;
       a.dst_idx = dst_idx.data;
       a.cols = allocate({a.n * p.tile * p.tile, p.kernel * p.kernel * a.channels});
@@ -242,6 +254,7 @@ struct TileGatherKernel {
   }
 };
 
+template <typename CacheT>
 struct TileScatterKernel {
   ssic::ScatterParams p{};
   std::string attr_error;
@@ -256,18 +269,18 @@ struct TileScatterKernel {
     if (attr_error.empty() && (p.activation < 0 || p.activation > 3)) attr_error = "activation must be 0..3";
   }
 
-  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<float>& cache,
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<CacheT>& cache,
                       const Tensor<int64_t>& idx, OptionalTensor residual, Tensor<float>& out) {
     return Run(ctx, view(tiles), view(cache), view(idx), view(residual),
                [&out](const std::vector<int64_t>& shape) { return out.Allocate(shape); });
   }
 
   Ort::Status ComputeRaw(OrtKernelContext* ctx) {
-    return Run(ctx, raw_input<float>(ctx, 0), raw_input<float>(ctx, 1), raw_input<int64_t>(ctx, 2),
+    return Run(ctx, raw_input<float>(ctx, 0), raw_input<CacheT>(ctx, 1), raw_input<int64_t>(ctx, 2),
                raw_input<float>(ctx, 3), raw_output(ctx));
   }
 
-  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<float>& cache,
+  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<CacheT>& cache,
                   const View<int64_t>& idx, const View<float>& residual, const Allocator& allocate) {
     try {
       if (!attr_error.empty()) return invalid("TileScatter: " + attr_error);
@@ -288,7 +301,7 @@ struct TileScatterKernel {
         a.residual = residual.data;
       }
       a.tiles = tiles.data;
-      a.cache = cache.data;
+      set_cache(cache.data, a.cache, a.cache_f16);
       a.idx = idx.data;
       a.out = allocate(cs);
       const std::string err = ssic::tile_scatter(p, a, make_pfor(ctx));
@@ -324,8 +337,10 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     static std::once_flag once;
     std::call_once(once, [] {
       domain = new Ort::CustomOpDomain(kDomain);
-      domain->Add(create_op<TileGatherKernel>("TileGather"));
-      domain->Add(create_op<TileScatterKernel>("TileScatter"));
+      domain->Add(create_op<TileGatherKernel<float>>("TileGather"));
+      domain->Add(create_op<TileGatherKernel<Ort::Float16_t>>("TileGather"));
+      domain->Add(create_op<TileScatterKernel<float>>("TileScatter"));
+      domain->Add(create_op<TileScatterKernel<Ort::Float16_t>>("TileScatter"));
     });
     Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(*domain));
   } catch (const std::exception& e) {

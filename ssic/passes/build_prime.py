@@ -1,7 +1,8 @@
 """Build the prime graph: the dense model plus one output per cache the sparse graph reads.
 
 Activation caches are outputs in the layout the sparse graph reads them (NCHW as in the model,
-or ``[H, W, C]`` for gather sources). GroupNorm caches are the per-channel ``scale = gamma/sigma`` and
+or ``[H, W, C]`` for gather sources) and at their declared type: a float16 cache is Cast before the
+layout change, so the Transpose moves half the bytes. GroupNorm caches are the per-channel ``scale = gamma/sigma`` and
 ``shift = beta - mu*gamma/sigma`` of the original input, computed with a few Reduce ops.
 """
 
@@ -11,6 +12,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.passes.sparsify import CacheSpec, GroupNormStats
+
+_IR_DTYPES = {"float64": ir.DataType.DOUBLE, "float32": ir.DataType.FLOAT, "float16": ir.DataType.FLOAT16}
 
 
 class BuildPrimePass:
@@ -36,8 +39,11 @@ class BuildPrimePass:
         for cache in self.caches:
             src = values[cache.source]
             if cache.kind == "activation":
+                cast = cache.dtype == "float16"
+                if cast:
+                    src = self._op("Cast", [src], {"to": ir.DataType.FLOAT16})
                 if cache.layout == "NCHW":
-                    out = self._op("Identity", [src])
+                    out = src if cast else self._op("Identity", [src])
                 else:
                     t = self._op("Transpose", [src], {"perm": [0, 2, 3, 1]})
                     out = self._op("Reshape", [t, self._const(np.array(cache.shape, np.int64))])
@@ -57,7 +63,7 @@ class BuildPrimePass:
     def _output(self, value: ir.Value, cache: CacheSpec) -> None:
         value.name = cache.name
         value.shape = ir.Shape(cache.shape)
-        value.type = ir.TensorType(ir.DataType.DOUBLE if cache.dtype == "float64" else ir.DataType.FLOAT)
+        value.type = ir.TensorType(_IR_DTYPES[cache.dtype])
         self.graph.outputs.append(value)
 
     def _op(self, op_type: str, inputs, attrs=None) -> ir.Value:

@@ -10,7 +10,8 @@ TileGather (``tiles``, ``cache``, ``src_idx``, ``dst_idx``, [``scale``], [``shif
    ``[Hp + 1, Wp, C]`` where ``Hp x Wp`` is the source tile grid; the extra row holds zeros and its
    first pixel, flat index ``Hp*Wp``, is the "outside the image" pixel;
 2. ``ScatterND`` of the new source tiles at their pixel coordinates
-   (``src_idx[i] + offset[p]`` with a constant ``[ts*ts, 2]`` offset table);
+   (``src_idx[i] + offset[p]`` with a constant ``[ts*ts, 2]`` offset table), skipped when the tile
+   tensor is statically empty;
 3. a flat index table ``[n, t, t, k, k]`` computed from ``dst_idx`` and two constant offset tables:
    ``Y = y0*s + (py*s + ky - pad_top)`` (same for X), in-image test against ``Hs*u x Ws*u``,
    ``(Y // u) * Wp + X // u`` inside, ``Hp*Wp`` (the zero pixel) outside (``pad_mode`` reflect/edge first map
@@ -23,6 +24,12 @@ TileGather (``tiles``, ``cache``, ``src_idx``, ``dst_idx``, [``scale``], [``shif
 TileScatter (``tiles``, ``cache``, ``idx``, [``residual``]) becomes: NCHW cache -> NHWC, padded to
 the tile grid, ``act(tiles + residual)`` scattered at the tile pixels, sliced back to ``H x W``,
 transposed back to ``[1, C, H, W]``.
+
+A float16 cache is Cast to float32 where it is read: a gather with no new tiles (a statically empty
+tile tensor, e.g. the cached values under the active tiles) gathers float16 rows and casts only
+those; otherwise the cast comes where the float32 tiles are scattered into the cache (ScatterND
+takes one type), after the layout change and the padding, which therefore move half the bytes (the
+rows cannot be cast after the gather there: it reads cache and new tiles through one index table).
 """
 
 from __future__ import annotations
@@ -82,6 +89,12 @@ class _Builder:
             return self.op("Mul", [x, self.op("Sigmoid", [x])])
         raise SSICError(f"unknown ssic activation code {code}")
 
+    def to_float32(self, x: ir.Value, cache: ir.Value) -> ir.Value:
+        """``x`` (derived from ``cache`` by layout ops only) as float32: a Cast when the cache is float16."""
+        if cache.dtype == ir.DataType.FLOAT16:
+            return self.op("Cast", [x], to=ir.DataType.FLOAT)
+        return x
+
     def to_nhwc(self, nchw: ir.Value, c: int, h: int, w: int) -> ir.Value:
         return self.op("Transpose", [self.op("Reshape", [nchw, self.i64([c, h, w])])], perm=[1, 2, 0])
 
@@ -134,7 +147,11 @@ def lower_tile_gather(b: _Builder, node: ir.Node) -> ir.Value:
 
     # 1-2. source = cache with the new tiles pasted, plus one zero row (flat index hp*wp).
     src = b.op("Pad", [src, b.i64([0, 0, 0, hp + 1 - hs, wp - ws, 0])])
-    src = b.op("ScatterND", [src, b.tile_pixels(src_idx, ts), tiles])
+    # no new tiles (a statically empty tile tensor: the cache read alone): no scatter, and a float16
+    # cache is cast after the gather, on the rows read only
+    no_tiles = tiles.shape is not None and len(tiles.shape) == 2 and tiles.shape[0] == 0
+    if not no_tiles:
+        src = b.op("ScatterND", [b.to_float32(src, cache), b.tile_pixels(src_idx, ts), tiles])
     src = b.op("Reshape", [src, b.i64([(hp + 1) * wp, c])])
 
     # 3. flat index table [n, t, t, k, k] from dst_idx.
@@ -165,6 +182,8 @@ def lower_tile_gather(b: _Builder, node: ir.Node) -> ir.Value:
 
     # 4. gather rows [n*t*t*k*k, C], per-channel affine, activation.
     rows = b.op("Gather", [src, b.op("Reshape", [flat, b.i64([-1])])], axis=0)
+    if no_tiles:
+        rows = b.to_float32(rows, cache)
     if scale is not None:
         rows = b.op("Mul", [rows, scale])
     if shift is not None:
@@ -195,6 +214,7 @@ def lower_tile_scatter(b: _Builder, node: ir.Node) -> ir.Value:
     full = b.to_nhwc(cache, c, h, w)
     if (hp, wp) != (h, w):
         full = b.op("Pad", [full, b.i64([0, 0, 0, hp - h, wp - w, 0])])
+    full = b.to_float32(full, cache)
     full = b.op("ScatterND", [full, b.tile_pixels(idx, t), vals])
     if (hp, wp) != (h, w):
         full = b.op("Slice", [full, b.i64([0, 0]), b.i64([h, w]), b.i64([0, 1])])
@@ -229,6 +249,10 @@ class LowerToStandardPass(ir.passes.InPlacePass):
             graph.remove(node, safe=True)
             new.name, new.shape, new.type = name, shape, type_
             modified = True
+        if modified:
+            from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+            RemoveUnusedNodesPass()(model)  # e.g. the empty tile tensors a skipped scatter leaves unread
         if modified and not any(n.domain == DOMAIN for n in graph.all_nodes()):
             model.opset_imports.pop(DOMAIN, None)
         return ir.passes.PassResult(model, modified)

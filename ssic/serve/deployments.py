@@ -395,10 +395,13 @@ class _HTTPError(Exception):
 
 
 def session_bytes(manifest) -> int:
-    """Bytes one primed session holds on a replica: its float32 caches, the original and the last
-    edited inputs (float32 after decoding) and the primed outputs."""
+    """Bytes one primed session holds on a replica: its caches (at their stored dtype: float16 caches
+    take 2 bytes a value), the original and the last edited inputs (float32 after decoding) and the
+    primed outputs."""
+    itemsize = {"float16": 2, "bfloat16": 2, "float64": 8, "double": 8}
+
     def size(specs) -> int:
-        return sum(int(np.prod(c.shape)) * 4 for c in specs)
+        return sum(int(np.prod(c.shape)) * itemsize.get(c.dtype, 4) for c in specs)
 
     inputs, outputs = model_io(manifest)
     return size(cache_specs(manifest)) + 2 * size(inputs) + size(outputs)

@@ -107,11 +107,12 @@ def per_channel_ok(value: ir.Value, channels: int) -> bool:
 class SparsifyContext:
     """State and graph builder of one run of :class:`ssic.passes.sparsify.SparsifyPass`."""
 
-    def __init__(self, model: ir.Model, plan: SparsePlan, gn_stats: str) -> None:
+    def __init__(self, model: ir.Model, plan: SparsePlan, gn_stats: str, cache_dtype: str = "float32") -> None:
         self.model = model
         self.graph = model.graph
         self.plan = plan
         self.gn_stats = gn_stats
+        self.cache_dtype = cache_dtype  # of activation caches: "float32" or "float16"
         self.reps: dict[ir.Value, Rep] = {}
         self.materialized: dict[ir.Value, ir.Value] = {}
         self.evaluated: dict[int, ir.Value] = {}
@@ -178,16 +179,22 @@ class SparsifyContext:
         return self.tile_inputs[grid]
 
     def cache(self, value: ir.Value, layout: str, layer: str | None) -> ir.Value:
-        """The sparse graph input holding ``value``'s prime-run value (``"NCHW"`` or ``"NHWC"``)."""
+        """The sparse graph input holding ``value``'s prime-run value (``"NCHW"`` or ``"NHWC"``), of
+        type ``self.cache_dtype``: only ``TileGather`` and ``TileScatter`` read it (both accept float16).
+        A model output's own NCHW cache stays float32: its pixels outside the active tiles are returned
+        as they are, so they stay the primed output exactly (one tensor, usually a few channels)."""
         key = (value.name, layout)
         if key not in self.cache_inputs:
             _, c, h, w = static_shape(value)
             cshape = (1, c, h, w) if layout == "NCHW" else (h, w, c)
             name = f"ssic.cache.{layout.lower()}.{value.name}"
-            inp = ir.Value(name=name, shape=ir.Shape(cshape), type=ir.TensorType(ir.DataType.FLOAT))
+            dtype = "float32" if layout == "NCHW" and value.is_graph_output() else self.cache_dtype
+            irtype = ir.DataType.FLOAT16 if dtype == "float16" else ir.DataType.FLOAT
+            inp = ir.Value(name=name, shape=ir.Shape(cshape), type=ir.TensorType(irtype))
             self.graph.inputs.append(inp)
             self.cache_inputs[key] = inp
-            self.result.caches.append(CacheSpec(name, value.name, layout, cshape, "activation", f"{h}x{w}", layer))
+            self.result.caches.append(CacheSpec(name, value.name, layout, cshape, "activation", f"{h}x{w}", layer,
+                                                dtype))
         return self.cache_inputs[key]
 
     def stat_input(self, name: str, source: ir.Value, channels: int, kind: str, grid: Grid, layer: str,
