@@ -7,8 +7,9 @@ finest grid's resolution), the dense fallback, cache states per ``cache_id`` and
 (:mod:`ssic.targets.ort`) and TensorRT (:mod:`ssic.targets.trt_session`) implement four small hooks.
 
 Thread safety: a session may be shared by threads. ``edit`` and ``dense`` calls run concurrently
-(backends must allow that; caches are read-only while editing); ``prime`` and ``commit`` build a new
-cache state and swap it in atomically, so an ``edit`` running at the same time on the same
+(backends must allow that; caches are read-only while editing); ``prime`` builds a new cache state and
+swaps it in atomically, and an incremental ``commit`` writes into a cache state only while no edit
+reads it (each state has a readers-writer lock), so an ``edit`` running at the same time on the same
 ``cache_id`` sees either the old caches or the new ones, never a mix.
 """
 
@@ -17,6 +18,8 @@ from __future__ import annotations
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,7 +47,16 @@ class Backend(ABC):
     @abstractmethod
     def run_sparse(self, inputs: dict[str, np.ndarray], tiles: dict[str, np.ndarray],
                    caches: dict[str, object]) -> dict[str, np.ndarray]:
-        """Run the sparse graph; ``tiles`` maps each grid's tiles input name to int64 ``[n, 2]``."""
+        """Run the sparse graph; ``tiles`` maps each grid's tiles input name to int64 ``[n, 2]``.
+
+        Returns every model output, plus (where the backend can fold them, see :meth:`host_view`) the
+        sparse graph's commit outputs named by ``CacheEntry.commit``.
+        """
+
+    def host_view(self, cache: object) -> np.ndarray | None:
+        """A writable host array sharing ``cache``'s memory (a commit writes the edited tiles into it),
+        or None where the cache lives elsewhere (then ``commit`` re-primes)."""
+        return None
 
     @abstractmethod
     def run_mask(self, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -52,6 +64,42 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (sessions, device memory)."""
+
+
+class _ReadWriteLock:
+    """Many readers (edits) or one writer (a commit writing into the caches), writers waiting for readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -62,6 +110,29 @@ class CacheState:
     outputs: dict[str, np.ndarray]
     caches: dict[str, object]
     nbytes: int = 0
+    lock: _ReadWriteLock = field(default_factory=_ReadWriteLock, repr=False, compare=False)
+
+
+@dataclass
+class _LastEdit:
+    """What ``commit`` needs of the last ``edit`` of a cache id (edit-sized: tiles, not full tensors)."""
+
+    state: CacheState  # the cache state the edit read
+    inputs: dict[str, np.ndarray]
+    mode: str  # EditStats.mode
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    tiles: dict[str, np.ndarray] = field(default_factory=dict)  # grid name -> int64 [n, 2]
+    updates: dict[str, np.ndarray] = field(default_factory=dict)  # commit output name -> array
+    committed: bool = False
+
+
+@dataclass
+class CommitStats:
+    """What the last ``commit`` did: ``mode`` "incremental" (tiles folded into the caches), "prime"
+    (re-primed: no sparse edit to fold, or the backend cannot write its caches) or "none" (nothing changed)."""
+
+    mode: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -86,12 +157,13 @@ class Session:
         self.threads = threads
         self._lock = threading.RLock()
         self._states: dict[object, CacheState] = {}
-        self._last_edit: dict[object, dict[str, np.ndarray]] = {}
+        self._last_edit: dict[object, _LastEdit] = {}
         self.inputs = {i.name: i for i in manifest.inputs}
         self.output_names = manifest.output_names
         self.grids = manifest.grids
         self.sources: list[MaskSource] = list(manifest.mask.sources)
         self.last = EditStats()
+        self.last_commit = CommitStats()
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
@@ -132,8 +204,9 @@ class Session:
 
         Returns ``{mask input name: bool [h, w]}`` at each input's own resolution (any over channels).
         """
-        state = self._state(cache_id)
-        arrays = self._check_inputs(inputs)
+        return self._source_masks(self._check_inputs(inputs), self._state(cache_id))
+
+    def _source_masks(self, arrays: dict[str, np.ndarray], state: CacheState) -> dict[str, np.ndarray]:
         eps = float(self.manifest.mask.eps)
         out = {}
         for s in self.sources:
@@ -226,19 +299,28 @@ class Session:
             raise SSICError(f"unknown mode '{mode}' (auto, sparse or dense)")
         state = self._state(cache_id)
         arrays = self._check_inputs(inputs)
+        with state.lock.read():
+            record, out, stats = self._edit(state, arrays, mask, mode, cache_id)
+        stats.seconds = time.perf_counter() - t0
+        with self._lock:
+            self._last_edit[cache_id] = record
+        self.last = stats
+        return out
+
+    def _edit(self, state: CacheState, arrays: dict[str, np.ndarray], mask, mode: str,
+              cache_id: object) -> tuple[_LastEdit, dict[str, np.ndarray], EditStats]:
+        """The edit of ``arrays`` against ``state`` (held for reading): (record for commit, outputs, stats)."""
         spatial = {s.input for s in self.sources}
         for name, arr in arrays.items():
             if name not in spatial and not np.array_equal(arr, state.inputs[name]):
                 raise SSICError(f"input '{name}' differs from the value primed under cache id {cache_id!r}; "
                                 "prime that cache id with the same non-image inputs")
-        masks = self.source_masks(arrays, cache_id) if mask is None else self._user_masks(mask)
-        with self._lock:
-            self._last_edit[cache_id] = arrays
+        masks = self._source_masks(arrays, state) if mask is None else self._user_masks(mask)
         stats = EditStats(macs_dense=int(self.manifest.macs.dense))
+        record = _LastEdit(state, arrays, "cached")
         if not any(m.any() for m in masks.values()):
-            stats.mode, stats.seconds = "cached", time.perf_counter() - t0
-            self.last = stats
-            return {k: v.copy() for k, v in state.outputs.items()}
+            stats.mode = "cached"
+            return record, {k: v.copy() for k, v in state.outputs.items()}, stats
         tiles = self._tiles(masks)
         stats.active_tiles = {g: int(v.shape[0]) for g, v in tiles.items()}
         stats.active_fraction = sum(stats.active_tiles.values()) / max(self.manifest.total_cells, 1)
@@ -247,22 +329,112 @@ class Session:
             mode == "auto" and stats.macs > float(self.manifest.fallback_ratio) * stats.macs_dense)
         if use_dense:
             out = self.backend.run_dense(arrays)
-            stats.mode = "dense"
+            stats.mode = record.mode = "dense"
         else:
             feeds = {g.tiles_input: tiles[g.name] for g in self.grids}
-            out = self.backend.run_sparse(arrays, feeds, state.caches)
-            stats.mode = "sparse"
-        stats.seconds = time.perf_counter() - t0
-        self.last = stats
-        return out
+            result = self.backend.run_sparse(arrays, feeds, state.caches)
+            out = {n: result[n] for n in self.output_names}
+            record.updates = {k: v for k, v in result.items() if k not in out}
+            record.tiles = tiles
+            stats.mode = record.mode = "sparse"
+        # the state's outputs after a commit: a copy, so that changing the returned arrays cannot reach it
+        record.outputs = {k: v.copy() for k, v in out.items()}
+        return record, out, stats
 
     def commit(self, inputs: dict | None = None, cache_id: object = 0) -> None:
-        """Make the last edit of ``cache_id`` (or ``inputs``) its new original: sequential editing."""
-        if inputs is None:
-            inputs = self._last_edit.get(cache_id)
-            if inputs is None:
-                raise SSICError(f"commit() without inputs needs an edit() on cache id {cache_id!r} first")
-        self.prime(inputs, cache_id)
+        """Make the last edit of ``cache_id`` (or ``inputs``) its new original: sequential editing.
+
+        Incremental (``self.last_commit.mode == "incremental"``): the new tiles the last sparse edit
+        computed for every cached activation are written into the caches at that edit's active tiles
+        (an in-place scatter on the host, cost of the order of the edit, not of a prime), the
+        incremental GroupNorm sums become the edited tensor's sums, and the edit's outputs become the
+        primed outputs. ``inputs`` given and different from the last edit's: they are edited first.
+
+        Exactness: in exact mode (``exact=True``) every pixel the edit changes lies in an active tile,
+        so a chain of edits and commits equals a fresh ``prime`` on the final input (up to float
+        rounding of the incremental GroupNorm sums). In the default mode pixels outside the active
+        tiles that the dense model would change keep their old values, as in the edit itself (SIGE's
+        approximation): the committed caches are what the edit computed, and the error of later edits
+        may grow over a chain; ``prime`` again to reset it. With ``gn_stats="cached"`` the GroupNorm
+        scale/shift stay those of the first primed input. Pixels under a user ``mask`` smaller than the
+        change are likewise what the edit computed, while the new original is the edited input.
+
+        Re-primes on the edited input (``mode == "prime"``) when the last edit ran dense, when the cache
+        state was primed again since that edit, or when the backend cannot write its caches in place
+        (TensorRT: device buffers). Committing an edit that changed nothing (an empty mask) or twice is a
+        no-op (``mode == "none"``). Raises ``SSICError`` without an edit to commit or for bad inputs.
+        """
+        t0 = time.perf_counter()
+        with self._lock:
+            last = self._last_edit.get(cache_id)
+            state = self._states.get(cache_id)
+        if inputs is not None:
+            arrays = self._check_inputs(inputs)
+            spatial = {s.input for s in self.sources}
+            same_other = state is not None and all(
+                np.array_equal(a, state.inputs[n]) for n, a in arrays.items() if n not in spatial)
+            if not same_other:  # unprimed cache id or another timestep: nothing to fold into
+                self.prime(arrays, cache_id)
+                self.last_commit = CommitStats("prime", time.perf_counter() - t0)
+                return
+            if last is None or last.state is not state or last.committed or any(
+                    not np.array_equal(a, last.inputs[n]) for n, a in arrays.items()):
+                with state.lock.read():
+                    last, _, _ = self._edit(state, arrays, None, "auto", cache_id)
+        elif last is None:
+            raise SSICError(f"commit() without inputs needs an edit() on cache id {cache_id!r} first")
+        self.last_commit = CommitStats(self._commit(last, cache_id))
+        self.last_commit.seconds = time.perf_counter() - t0
+
+    def _commit(self, last: _LastEdit, cache_id: object) -> str:
+        """Fold ``last`` into the caches of ``cache_id``; returns the CommitStats mode."""
+        with self._lock:
+            state = self._states.get(cache_id)
+        if last.state is state and (last.committed or last.mode == "cached"):
+            # nothing beyond eps changed: the caches (and the inputs the next mask is measured
+            # against) stay those of the original
+            last.committed = True
+            return "none"
+        views = self._commit_views(last, state) if last.state is state and last.mode == "sparse" else None
+        if views is None:
+            self.prime(last.inputs, cache_id)
+            last.committed = True
+            return "prime"
+        grids = {g.name: g for g in self.grids}
+        with state.lock.write():
+            for c in self.manifest.caches:
+                view = views.get(c.name)
+                if view is None:
+                    continue
+                update = last.updates[c.commit]
+                if c.layout == "C":
+                    view[...] = update.reshape(view.shape)
+                else:
+                    g = grids[c.resolution]
+                    scatter_tiles(view, update, last.tiles[g.name], g.tile, nchw=c.layout == "NCHW")
+            state.inputs = last.inputs
+            state.outputs = last.outputs
+        last.committed = True
+        last.updates, last.tiles = {}, {}  # free the tiles: a second commit is a no-op
+        return "incremental"
+
+    def _commit_views(self, last: _LastEdit, state: CacheState) -> dict[str, np.ndarray] | None:
+        """Writable host views of every cache, or None when some cache cannot be folded incrementally."""
+        grids = {g.name for g in self.grids}
+        views = {}
+        for c in self.manifest.caches:
+            if c.commit is None or c.commit not in last.updates:
+                if c.kind in ("gn_scale", "gn_shift"):
+                    continue  # gn_stats="cached": the first original's statistics by design
+                return None
+            if c.layout != "C" and c.resolution not in grids:
+                return None
+            view = self.backend.host_view(state.caches[c.name])
+            if view is None or list(view.shape) != list(c.shape) or not view.flags.c_contiguous \
+                    or not view.flags.writeable:
+                return None
+            views[c.name] = view
+        return views
 
     def close(self) -> None:
         """Drop every cache state and release the backend."""
@@ -270,3 +442,37 @@ class Session:
             self._states.clear()
             self._last_edit.clear()
         self.backend.close()
+
+
+def scatter_tiles(cache: np.ndarray, tiles: np.ndarray, idx: np.ndarray, tile: int, *, nchw: bool) -> None:
+    """Write tile tensor ``tiles`` (``[n*t*t, C]``, rows ``(tile, py, px)``) into ``cache`` in place.
+
+    ``cache`` is ``[H, W, C]`` (``nchw`` False) or ``[1, C, H, W]``, any float dtype (values are cast);
+    ``idx`` int64 ``[n, 2]`` are the tiles' top-left corners (multiples of ``tile``). Pixels of clipped
+    tiles outside the image are dropped. Same result as ``ssic.ops.tile_scatter_ref`` without residual.
+    """
+    n, t = int(idx.shape[0]), int(tile)
+    if n == 0:
+        return
+    if nchw:
+        c, h, w = cache.shape[1:]
+    else:
+        h, w, c = cache.shape
+    rows = tiles.reshape(n, t, t, c)
+    gy, gx = idx[:, 0] // t, idx[:, 1] // t
+    if h % t == 0 and w % t == 0:
+        # whole tiles: index the cache as a grid of cells (views of the cache, one fancy assignment)
+        if nchw:
+            cache.reshape(c, h // t, t, w // t, t)[:, gy, :, gx] = rows.transpose(0, 3, 1, 2)
+        else:
+            cache.reshape(h // t, t, w // t, t, c)[gy, :, gx] = rows
+        return
+    off = np.arange(t)
+    y = (idx[:, 0, None, None] + off[None, :, None]).repeat(t, axis=2)  # [n, t, t]
+    x = (idx[:, 1, None, None] + off[None, None, :]).repeat(t, axis=1)
+    ok = (y < h) & (x < w)
+    flat = (y * w + x)[ok]
+    if nchw:
+        cache.reshape(c, h * w)[:, flat] = rows[ok].T
+    else:
+        cache.reshape(h * w, c)[flat] = rows[ok]
