@@ -43,8 +43,8 @@ class OrtBackend(Backend):
                                 "recompile the artefact or reinstall ssic (`pip install -e .`)")
         self.output_names = manifest.output_names
         self.cache_names = [c.name for c in manifest.caches]
-        # what a commit folds into the caches (docs/architecture.md, "Commit"): fetched on every edit,
-        # they are values the sparse graph computes anyway
+        # what a commit folds into the caches (docs/architecture.md, "Commit"): tiles the sparse graph
+        # computes anyway
         self.commit_names = list(dict.fromkeys(c.commit for c in manifest.caches if c.commit))
         for which in preload:
             self.session(which)
@@ -108,7 +108,7 @@ class OrtBackend(Backend):
         nbytes = self.manifest.cache_bytes()
         return outputs, caches, nbytes
 
-    def run_sparse(self, inputs, tiles, caches):
+    def run_sparse(self, inputs, tiles, caches, *, commit=False):
         sess = self.session("sparse")
         io = sess.io_binding()
         wanted = {i.name for i in sess.get_inputs()}
@@ -121,7 +121,9 @@ class OrtBackend(Backend):
         for name, value in caches.items():
             if name in wanted:
                 io.bind_ortvalue_input(name, value)
-        names = self.output_names + [n for n in self.commit_names if n not in self.output_names]
+        # commit outputs only when asked: unfetched, ONNX Runtime computes them as the intermediates they
+        # are; fetched, the edit measured a few percent slower (DDIM tiny, docs/architecture.md "Commit")
+        names = self.output_names + [n for n in self.commit_names if commit and n not in self.output_names]
         for name in names:
             io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)
