@@ -123,6 +123,7 @@ class _LastEdit:
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
     tiles: dict[str, np.ndarray] = field(default_factory=dict)  # grid name -> int64 [n, 2]
     updates: dict[str, np.ndarray] = field(default_factory=dict)  # commit output name -> array
+    auto_mask: bool = True  # the mask was the difference with the primed inputs (no user mask)
     committed: bool = False
 
 
@@ -313,9 +314,11 @@ class Session:
         self.last = stats
         return out
 
-    def _edit(self, state: CacheState, arrays: dict[str, np.ndarray], mask, mode: str,
-              cache_id: object) -> tuple[_LastEdit, dict[str, np.ndarray], EditStats]:
-        """The edit of ``arrays`` against ``state`` (held for reading): (record for commit, outputs, stats)."""
+    def _edit(self, state: CacheState, arrays: dict[str, np.ndarray], mask, mode: str, cache_id: object, *,
+              keep: bool | None = None) -> tuple[_LastEdit, dict[str, np.ndarray], EditStats]:
+        """The edit of ``arrays`` against ``state`` (held for reading): (record for commit, outputs, stats).
+
+        ``keep``: fetch the commit outputs (default ``self.keep_commit_tiles``)."""
         spatial = {s.input for s in self.sources}
         for name, arr in arrays.items():
             if name not in spatial and not np.array_equal(arr, state.inputs[name]):
@@ -323,7 +326,7 @@ class Session:
                                 "prime that cache id with the same non-image inputs")
         masks = self._source_masks(arrays, state) if mask is None else self._user_masks(mask)
         stats = EditStats(macs_dense=int(self.manifest.macs.dense))
-        record = _LastEdit(state, arrays, "cached")
+        record = _LastEdit(state, arrays, "cached", auto_mask=mask is None)
         if not any(m.any() for m in masks.values()):
             stats.mode = "cached"
             return record, {k: v.copy() for k, v in state.outputs.items()}, stats
@@ -338,7 +341,8 @@ class Session:
             stats.mode = record.mode = "dense"
         else:
             feeds = {g.tiles_input: tiles[g.name] for g in self.grids}
-            result = self.backend.run_sparse(arrays, feeds, state.caches, commit=self.keep_commit_tiles)
+            keep = self.keep_commit_tiles if keep is None else keep
+            result = self.backend.run_sparse(arrays, feeds, state.caches, commit=keep)
             out = {n: result[n] for n in self.output_names}
             record.updates = {k: v for k, v in result.items() if k not in out}
             record.tiles = tiles
@@ -386,7 +390,7 @@ class Session:
             if last is None or last.state is not state or last.committed or any(
                     not np.array_equal(a, last.inputs[n]) for n, a in arrays.items()):
                 with state.lock.read():
-                    last, _, _ = self._edit(state, arrays, None, "auto", cache_id)
+                    last, _, _ = self._edit(state, arrays, None, "auto", cache_id, keep=True)
         elif last is None:
             raise SSICError(f"commit() without inputs needs an edit() on cache id {cache_id!r} first")
         self.last_commit = CommitStats(self._commit(last, cache_id))
@@ -395,40 +399,53 @@ class Session:
     def _commit(self, last: _LastEdit, cache_id: object) -> str:
         """Fold ``last`` into the caches of ``cache_id``; returns the CommitStats mode."""
         with self._commit_lock:  # one commit at a time: each folds into the state the previous one left
-            with self._lock:
-                state = self._states.get(cache_id)
-            if last.state is state and (last.committed or last.mode == "cached"):
-                # nothing beyond eps changed: the caches (and the inputs the next mask is measured
-                # against) stay those of the original
-                last.committed = True
+            if last.committed:
                 return "none"
-            views = self._commit_views(state) if last.state is state and last.mode == "sparse" else None
-            if views is None:
-                self.prime(last.inputs, cache_id)
-                last.committed = True
-                return "prime"
-            updates = last.updates
-            if any(c.commit not in updates for c in self.manifest.caches if c.name in views):
-                # the edit did not keep its tiles (keep_commit_tiles off): compute them again, once
-                feeds = {g.tiles_input: last.tiles[g.name] for g in self.grids}
+            mode = self._fold(last, cache_id)
+            last.committed = True  # (also when _fold recomputed the edit: a second commit is a no-op)
+            return mode
+
+    def _fold(self, last: _LastEdit, cache_id: object) -> str:
+        """Make ``last``'s inputs the original of ``cache_id`` (incrementally where possible); returns the mode."""
+        with self._lock:
+            state = self._states.get(cache_id)
+        if last.state is state and not last.auto_mask:
+            # a user mask may miss part of the change (or select more): fold the edit only where
+            # its tiles cover every tile the difference with the original activates
+            masks = self._source_masks(last.inputs, state)
+            covered = last.mode == "sparse" and _tiles_cover(last.tiles, self._tiles(masks))
+            if not covered:
                 with state.lock.read():
-                    updates = self.backend.run_sparse(last.inputs, feeds, state.caches, commit=True)
-            grids = {g.name: g for g in self.grids}
-            with state.lock.write():
-                for c in self.manifest.caches:
-                    view = views.get(c.name)
-                    if view is None:
-                        continue
-                    if c.layout == "C":
-                        view[...] = updates[c.commit].reshape(view.shape)
-                    else:
-                        g = grids[c.resolution]
-                        scatter_tiles(view, updates[c.commit], last.tiles[g.name], g.tile, nchw=c.layout == "NCHW")
-                state.inputs = last.inputs
-                state.outputs = last.outputs
-            last.committed = True
-            last.updates = {}
-            return "incremental"
+                    last, _, _ = self._edit(state, last.inputs, None, "auto", cache_id, keep=True)
+        if last.state is state and last.mode == "cached":
+            # nothing beyond eps changed: the caches (and the inputs the next mask is measured
+            # against) stay those of the original
+            return "none"
+        views = self._commit_views(state) if last.state is state and last.mode == "sparse" else None
+        if views is None:
+            self.prime(last.inputs, cache_id)
+            return "prime"
+        updates = last.updates
+        if any(c.commit not in updates for c in self.manifest.caches if c.name in views):
+            # the edit did not keep its tiles (keep_commit_tiles off): compute them again, once
+            feeds = {g.tiles_input: last.tiles[g.name] for g in self.grids}
+            with state.lock.read():
+                updates = self.backend.run_sparse(last.inputs, feeds, state.caches, commit=True)
+        grids = {g.name: g for g in self.grids}
+        with state.lock.write():
+            for c in self.manifest.caches:
+                view = views.get(c.name)
+                if view is None:
+                    continue
+                if c.layout == "C":
+                    view[...] = updates[c.commit].reshape(view.shape)
+                else:
+                    g = grids[c.resolution]
+                    scatter_tiles(view, updates[c.commit], last.tiles[g.name], g.tile, nchw=c.layout == "NCHW")
+            state.inputs = last.inputs
+            state.outputs = last.outputs
+        last.updates = {}
+        return "incremental"
 
     def _commit_views(self, state: CacheState) -> dict[str, np.ndarray] | None:
         """Writable host views of the caches a commit updates, or None when one cannot be updated in place."""
@@ -454,6 +471,15 @@ class Session:
             self._states.clear()
             self._last_edit.clear()
         self.backend.close()
+
+
+def _tiles_cover(have: dict[str, np.ndarray], need: dict[str, np.ndarray]) -> bool:
+    """Whether every grid's tiles ``need`` (int64 ``[n, 2]`` corners) are among ``have``'s."""
+    for grid, idx in need.items():
+        got = {tuple(r) for r in np.asarray(have.get(grid, np.zeros((0, 2), np.int64))).tolist()}
+        if any(tuple(r) not in got for r in np.asarray(idx).tolist()):
+            return False
+    return True
 
 
 def scatter_tiles(cache: np.ndarray, tiles: np.ndarray, idx: np.ndarray, tile: int, *, nchw: bool) -> None:

@@ -184,6 +184,7 @@ def test_commit_sequential_editing(small_net):
         np.testing.assert_allclose(out, ref.dense({"x": nxt})["y"], atol=1e-4, rtol=0)
         sess.commit({"x": nxt}, cache_id="b")
         cur = nxt
-    np.testing.assert_array_equal(sess.edit({"x": cur}, cache_id="b")["y"], ref.dense({"x": cur})["y"])
+    # an incremental commit keeps the sparse edit's outputs: equal to dense within float rounding
+    np.testing.assert_allclose(sess.edit({"x": cur}, cache_id="b")["y"], ref.dense({"x": cur})["y"], atol=1e-5, rtol=0)
     assert sess.last.mode == "cached"
     assert sorted(map(str, sess.cache_ids)) == ["0", "b"]

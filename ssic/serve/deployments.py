@@ -169,7 +169,9 @@ def editor_deployment(max_sessions: int):
 
         async def commit(self, session_id: str, base: list, version: int) -> dict:
             t0 = time.perf_counter()
-            await self._get(session_id, base, version)  # primes on the new original
+            # primes on the new original, not Session.commit's incremental fold: every replica must
+            # rebuild the same caches from the stored original alone (after an eviction, on another replica)
+            await self._get(session_id, base, version)
             return {"mode": "commit", "ms": 1e3 * (time.perf_counter() - t0), "replica": self.replica}
 
         def close(self, session_id: str) -> None:
