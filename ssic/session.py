@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -117,7 +118,7 @@ class CacheState:
 class _LastEdit:
     """What ``commit`` needs of the last ``edit`` of a cache id (edit-sized: tiles, not full tensors)."""
 
-    state: CacheState  # the cache state the edit read
+    state_ref: weakref.ref  # the cache state the edit read (weak: a prime drops the old caches)
     inputs: dict[str, np.ndarray]
     mode: str  # EditStats.mode
     outputs: dict[str, np.ndarray] = field(default_factory=dict)
@@ -125,6 +126,10 @@ class _LastEdit:
     updates: dict[str, np.ndarray] = field(default_factory=dict)  # commit output name -> array
     auto_mask: bool = True  # the mask was the difference with the primed inputs (no user mask)
     committed: bool = False
+
+    def read(self, state: CacheState | None) -> bool:
+        """Whether this edit ran against ``state``."""
+        return state is not None and self.state_ref() is state
 
 
 @dataclass
@@ -326,7 +331,7 @@ class Session:
                                 "prime that cache id with the same non-image inputs")
         masks = self._source_masks(arrays, state) if mask is None else self._user_masks(mask)
         stats = EditStats(macs_dense=int(self.manifest.macs.dense))
-        record = _LastEdit(state, arrays, "cached", auto_mask=mask is None)
+        record = _LastEdit(weakref.ref(state), arrays, "cached", auto_mask=mask is None)
         if not any(m.any() for m in masks.values()):
             stats.mode = "cached"
             return record, {k: v.copy() for k, v in state.outputs.items()}, stats
@@ -387,7 +392,7 @@ class Session:
                 self.prime(arrays, cache_id)
                 self.last_commit = CommitStats("prime", time.perf_counter() - t0)
                 return
-            if last is None or last.state is not state or last.committed or any(
+            if last is None or not last.read(state) or last.committed or any(
                     not np.array_equal(a, last.inputs[n]) for n, a in arrays.items()):
                 with state.lock.read():
                     last, _, _ = self._edit(state, arrays, None, "auto", cache_id, keep=True)
@@ -409,7 +414,7 @@ class Session:
         """Make ``last``'s inputs the original of ``cache_id`` (incrementally where possible); returns the mode."""
         with self._lock:
             state = self._states.get(cache_id)
-        if last.state is state and not last.auto_mask:
+        if last.read(state) and not last.auto_mask:
             # a user mask may miss part of the change (or select more): fold the edit only where
             # its tiles cover every tile the difference with the original activates
             masks = self._source_masks(last.inputs, state)
@@ -417,11 +422,11 @@ class Session:
             if not covered:
                 with state.lock.read():
                     last, _, _ = self._edit(state, last.inputs, None, "auto", cache_id, keep=True)
-        if last.state is state and last.mode == "cached":
+        if last.read(state) and last.mode == "cached":
             # nothing beyond eps changed: the caches (and the inputs the next mask is measured
             # against) stay those of the original
             return "none"
-        views = self._commit_views(state) if last.state is state and last.mode == "sparse" else None
+        views = self._commit_views(state) if last.read(state) and last.mode == "sparse" else None
         if views is None:
             self.prime(last.inputs, cache_id)
             return "prime"
