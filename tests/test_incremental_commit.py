@@ -192,6 +192,14 @@ def test_fallbacks_and_no_ops(arts):
     assert sess.last_commit.mode == "prime"
     _assert_state_equals_fresh_prime(sess, art, x4)
 
+    # asked for: a prime
+    x5 = x4.copy()
+    x5[:, :, 0:2, -2:] += 0.5
+    sess.edit({"x": x5}, mode="sparse")
+    sess.commit(incremental=False)
+    assert sess.last_commit.mode == "prime"
+    _assert_state_equals_fresh_prime(sess, art, x5)
+
     # a backend whose caches the host cannot write (TensorRT's device buffers) re-primes
     class DeviceCaches(OrtBackend):
         def host_view(self, cache):
