@@ -385,44 +385,40 @@ class Session:
         without an edit to commit or for bad inputs.
         """
         t0 = time.perf_counter()
+        arrays = None if inputs is None else self._check_inputs(inputs)
+        with self._commit_lock:  # one commit at a time: each folds into the state the previous one left
+            mode = self._commit(arrays, cache_id, incremental)
+        self.last_commit = CommitStats(mode, time.perf_counter() - t0)
+
+    def _commit(self, arrays: dict[str, np.ndarray] | None, cache_id: object, incremental: bool) -> str:
+        """The body of :meth:`commit` (under the commit lock); returns the CommitStats mode."""
         with self._lock:
             last = self._last_edit.get(cache_id)
             state = self._states.get(cache_id)
-        if inputs is not None:
-            arrays = self._check_inputs(inputs)
+        if arrays is not None:
             spatial = {s.input for s in self.sources}
             same_other = state is not None and all(
                 np.array_equal(a, state.inputs[n]) for n, a in arrays.items() if n not in spatial)
-            if not same_other:  # unprimed cache id or another timestep: nothing to fold into
+            if not same_other or not incremental:  # unprimed cache id or another timestep: nothing to fold into
                 self.prime(arrays, cache_id)
-                self.last_commit = CommitStats("prime", time.perf_counter() - t0)
-                return
-            if not incremental:
-                self.prime(arrays, cache_id)
-                self.last_commit = CommitStats("prime", time.perf_counter() - t0)
-                return
+                if last is not None:
+                    last.committed = True
+                return "prime"
             if last is None or not last.read(state) or last.committed or any(
                     not np.array_equal(a, last.inputs[n]) for n, a in arrays.items()):
                 with state.lock.read():
                     last, _, _ = self._edit(state, arrays, None, "auto", cache_id, keep=True)
         elif last is None:
             raise SSICError(f"commit() without inputs needs an edit() on cache id {cache_id!r} first")
-        if not incremental:
-            self.prime(last.inputs, cache_id)
-            last.committed = True
-            self.last_commit = CommitStats("prime", time.perf_counter() - t0)
-            return
-        self.last_commit = CommitStats(self._commit(last, cache_id))
-        self.last_commit.seconds = time.perf_counter() - t0
-
-    def _commit(self, last: _LastEdit, cache_id: object) -> str:
-        """Fold ``last`` into the caches of ``cache_id``; returns the CommitStats mode."""
-        with self._commit_lock:  # one commit at a time: each folds into the state the previous one left
-            if last.committed:
-                return "none"
+        if last.committed:
+            return "none"
+        if incremental:
             mode = self._fold(last, cache_id)
-            last.committed = True  # (also when _fold recomputed the edit: a second commit is a no-op)
-            return mode
+        else:
+            self.prime(last.inputs, cache_id)
+            mode = "prime"
+        last.committed = True  # (also when _fold recomputed the edit: a second commit is a no-op)
+        return mode
 
     def _fold(self, last: _LastEdit, cache_id: object) -> str:
         """Make ``last``'s inputs the original of ``cache_id`` (incrementally where possible); returns the mode."""
