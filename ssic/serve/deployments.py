@@ -398,12 +398,12 @@ class _HTTPError(Exception):
 
 def session_bytes(manifest) -> int:
     """Bytes one primed session holds on a replica: its float32 caches, the original and the last
-    edited inputs (float32 after decoding) and the primed outputs."""
+    edited inputs (float32 after decoding), the primed outputs and the last edit's (kept for commit)."""
     def size(specs) -> int:
         return sum(int(np.prod(c.shape)) * 4 for c in specs)
 
     inputs, outputs = model_io(manifest)
-    return size(cache_specs(manifest)) + 2 * size(inputs) + size(outputs)
+    return size(cache_specs(manifest)) + 2 * size(inputs) + 2 * size(outputs)
 
 
 def max_body_bytes(inputs: list[IOSpec], mask_hw: tuple[int, int]) -> int:
