@@ -430,8 +430,10 @@ class Session:
             masks = self._source_masks(last.inputs, state)
             covered = last.mode == "sparse" and _tiles_cover(last.tiles, self._tiles(masks))
             if not covered:
+                # (sparse again where the user's edit ran sparse; else the session's dense fallback decides)
+                mode = "sparse" if last.mode == "sparse" else "auto"
                 with state.lock.read():
-                    last, _, _ = self._edit(state, last.inputs, None, "auto", cache_id, keep=True)
+                    last, _, _ = self._edit(state, last.inputs, None, mode, cache_id, keep=True)
         if last.read(state) and last.mode == "cached":
             # nothing beyond eps changed: the caches (and the inputs the next mask is measured
             # against) stay those of the original

@@ -166,8 +166,7 @@ def test_fallbacks_and_no_ops(arts):
     sess.commit()
     assert sess.last_commit.mode == "none"
 
-    # a user mask away from the change: the commit edits the difference (small, at a corner of this
-    # small image, so that the session's dense fallback does not take it)
+    # a user mask away from the change: the commit edits the difference (sparse, as the user's edit ran)
     x2 = x1.copy()
     x2[:, :, 0:2, 0:2] += 1.0
     mask = np.zeros((H, W), bool)
@@ -177,11 +176,12 @@ def test_fallbacks_and_no_ops(arts):
     assert sess.last_commit.mode == "incremental"
     _assert_state_equals_fresh_prime(sess, art, x2)
 
-    # commit(inputs) of inputs never edited: edited and folded
+    # commit(inputs) of inputs never edited: edited (mode "auto") and folded, or re-primed where the
+    # session's dense fallback takes that edit (a measured cost model may: this net is tiny)
     x3 = x2.copy()
     x3[:, :, -2:, -3:] -= 0.5
     sess.commit({"x": x3})
-    assert sess.last_commit.mode == "incremental"
+    assert sess.last_commit.mode in ("incremental", "prime")
     _assert_state_equals_fresh_prime(sess, art, x3)
 
     # an edit from before a prime of its cache id cannot be folded into the new caches
@@ -276,7 +276,9 @@ def test_edits_during_a_commit_see_old_or_new_caches(arts):
     for t in threads:
         t.join()
     assert not errors
-    assert sess.last_commit.mode == "incremental"
+    # (commit(inputs) edits in mode "auto": a measured dense fallback may re-prime instead, which must
+    # not mix either)
+    assert sess.last_commit.mode in ("incremental", "prime")
     for out in results:
         assert np.allclose(out, want_old, atol=1e-5) or np.allclose(out, want_new, atol=1e-5)
     np.testing.assert_allclose(sess.edit({"x": e}, mask=mask, mode="sparse")["y"], want_new, atol=1e-5)
