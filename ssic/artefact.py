@@ -108,6 +108,9 @@ class CacheEntry(_Strict):
     kind: str
     resolution: str | None = None
     layer: str | None = None
+    #: the sparse graph output ``Session.commit`` folds into this cache: new tiles ``[n*t*t, C]`` on
+    #: the grid ``resolution`` (NCHW/NHWC activations) or the new ``[C]`` statistic; None: commit re-primes
+    commit: str | None = None
 
     @property
     def nbytes(self) -> int:

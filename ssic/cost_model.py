@@ -13,6 +13,8 @@ seconds, the smallest seen over dense runs and prime runs (a prime run is a dens
 writes, so it bounds ``d`` from above). The session runs dense when ``c * f > d``. Both estimates err
 towards sparse, so the model never sends an edit dense that the measurements do not show to be
 slower; until both a sparse and a dense (or prime) run have been seen, only the MAC rule applies.
+After ``explore`` dense choices in a row the next edit runs sparse anyway, so the estimate follows a
+machine whose load changed instead of keeping its last sparse samples for ever.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ class CostModel:
     busier or quieter is followed).
     """
 
-    def __init__(self, window: int = 8) -> None:
+    def __init__(self, window: int = 8, explore: int = 16) -> None:
         self._lock = threading.Lock()
         self._per_model: deque[float] = deque(maxlen=window)
         self.dense_seconds: float | None = None
+        self.explore = explore
+        self._dense_in_a_row = 0
 
     def record_dense(self, seconds: float) -> None:
         """A dense (or prime: an upper bound of dense) run took ``seconds``."""
@@ -56,6 +60,12 @@ class CostModel:
             return min(self._per_model) * mac_fraction if self._per_model else None
 
     def prefers_dense(self, mac_fraction: float) -> bool:
-        """Whether the measurements show a sparse run at ``mac_fraction`` to be slower than a dense run."""
+        """Whether the measurements show a sparse run at ``mac_fraction`` to be slower than a dense run
+        (False every ``explore``-th time in a row, to measure sparse again)."""
         predicted = self.predicted_sparse_seconds(mac_fraction)
-        return predicted is not None and self.dense_seconds is not None and predicted > self.dense_seconds
+        slower = predicted is not None and self.dense_seconds is not None and predicted > self.dense_seconds
+        with self._lock:
+            if slower and self._dense_in_a_row >= self.explore:
+                slower = False
+            self._dense_in_a_row = self._dense_in_a_row + 1 if slower else 0
+        return slower

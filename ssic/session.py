@@ -7,8 +7,9 @@ finest grid's resolution), the dense fallback, cache states per ``cache_id`` and
 (:mod:`ssic.targets.ort`) and TensorRT (:mod:`ssic.targets.trt_session`) implement four small hooks.
 
 Thread safety: a session may be shared by threads. ``edit`` and ``dense`` calls run concurrently
-(backends must allow that; caches are read-only while editing); ``prime`` and ``commit`` build a new
-cache state and swap it in atomically, so an ``edit`` running at the same time on the same
+(backends must allow that; caches are read-only while editing); ``prime`` builds a new cache state and
+swaps it in atomically, and an incremental ``commit`` writes into a cache state only while no edit
+reads it (each state has a readers-writer lock), so an ``edit`` running at the same time on the same
 ``cache_id`` sees either the old caches or the new ones, never a mix.
 """
 
@@ -16,7 +17,10 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -44,8 +48,17 @@ class Backend(ABC):
 
     @abstractmethod
     def run_sparse(self, inputs: dict[str, np.ndarray], tiles: dict[str, np.ndarray],
-                   caches: dict[str, object]) -> dict[str, np.ndarray]:
-        """Run the sparse graph; ``tiles`` maps each grid's tiles input name to int64 ``[n, 2]``."""
+                   caches: dict[str, object], *, commit: bool = False) -> dict[str, np.ndarray]:
+        """Run the sparse graph; ``tiles`` maps each grid's tiles input name to int64 ``[n, 2]``.
+
+        Returns every model output; with ``commit``, also the sparse graph's commit outputs (named by
+        ``CacheEntry.commit``) where the backend can fold them into its caches (see :meth:`host_view`).
+        """
+
+    def host_view(self, cache: object) -> np.ndarray | None:
+        """A writable host array sharing ``cache``'s memory (a commit writes the edited tiles into it),
+        or None where the cache lives elsewhere (then ``commit`` re-primes)."""
+        return None
 
     @abstractmethod
     def run_mask(self, masks: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -53,6 +66,42 @@ class Backend(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (sessions, device memory)."""
+
+
+class _ReadWriteLock:
+    """Many readers (edits) or one writer (a commit writing into the caches), writers waiting for readers."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @dataclass
@@ -63,6 +112,34 @@ class CacheState:
     outputs: dict[str, np.ndarray]
     caches: dict[str, object]
     nbytes: int = 0
+    lock: _ReadWriteLock = field(default_factory=_ReadWriteLock, repr=False, compare=False)
+
+
+@dataclass
+class _LastEdit:
+    """What ``commit`` needs of the last ``edit`` of a cache id (edit-sized: tiles, not full tensors)."""
+
+    state_ref: weakref.ref  # the cache state the edit read (weak: a prime drops the old caches)
+    inputs: dict[str, np.ndarray]
+    mode: str  # EditStats.mode
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    tiles: dict[str, np.ndarray] = field(default_factory=dict)  # grid name -> int64 [n, 2]
+    updates: dict[str, np.ndarray] = field(default_factory=dict)  # commit output name -> array
+    auto_mask: bool = True  # the mask was the difference with the primed inputs (no user mask)
+    committed: bool = False
+
+    def read(self, state: CacheState | None) -> bool:
+        """Whether this edit ran against ``state``."""
+        return state is not None and self.state_ref() is state
+
+
+@dataclass
+class CommitStats:
+    """What the last ``commit`` did: ``mode`` "incremental" (tiles folded into the caches), "prime"
+    (re-primed: no sparse edit to fold, or the backend cannot write its caches) or "none" (nothing changed)."""
+
+    mode: str = ""
+    seconds: float = 0.0
 
 
 @dataclass
@@ -90,7 +167,7 @@ class Session:
         self.threads = threads
         self._lock = threading.RLock()
         self._states: dict[object, CacheState] = {}
-        self._last_edit: dict[object, dict[str, np.ndarray]] = {}
+        self._last_edit: dict[object, _LastEdit] = {}
         self.inputs = {i.name: i for i in manifest.inputs}
         self.output_names = manifest.output_names
         self.grids = manifest.grids
@@ -98,6 +175,13 @@ class Session:
         self.last = EditStats()
         #: measured run times behind the dense fallback of ``edit(mode="auto")``
         self.cost = CostModel()
+        self.last_commit = CommitStats()
+        #: keep every sparse edit's new tiles for a following ``commit`` (which then costs only the
+        #: scatter); off, ``commit`` runs the sparse graph once more to get them. The tiles cost a few
+        #: percent of the edit's time and edit-sized memory per cache id: turn on when most edits are
+        #: committed.
+        self.keep_commit_tiles = False
+        self._commit_lock = threading.Lock()
 
     # ------------------------------------------------------------------ validation
     def _check_inputs(self, inputs: dict) -> dict[str, np.ndarray]:
@@ -138,8 +222,9 @@ class Session:
 
         Returns ``{mask input name: bool [h, w]}`` at each input's own resolution (any over channels).
         """
-        state = self._state(cache_id)
-        arrays = self._check_inputs(inputs)
+        return self._source_masks(self._check_inputs(inputs), self._state(cache_id))
+
+    def _source_masks(self, arrays: dict[str, np.ndarray], state: CacheState) -> dict[str, np.ndarray]:
         eps = float(self.manifest.mask.eps)
         out = {}
         for s in self.sources:
@@ -239,19 +324,30 @@ class Session:
             raise SSICError(f"unknown mode '{mode}' (auto, sparse or dense)")
         state = self._state(cache_id)
         arrays = self._check_inputs(inputs)
+        with state.lock.read():
+            record, out, stats = self._edit(state, arrays, mask, mode, cache_id)
+        stats.seconds = time.perf_counter() - t0
+        with self._lock:
+            self._last_edit[cache_id] = record
+        self.last = stats
+        return out
+
+    def _edit(self, state: CacheState, arrays: dict[str, np.ndarray], mask, mode: str, cache_id: object, *,
+              keep: bool | None = None) -> tuple[_LastEdit, dict[str, np.ndarray], EditStats]:
+        """The edit of ``arrays`` against ``state`` (held for reading): (record for commit, outputs, stats).
+
+        ``keep``: fetch the commit outputs (default ``self.keep_commit_tiles``)."""
         spatial = {s.input for s in self.sources}
         for name, arr in arrays.items():
             if name not in spatial and not np.array_equal(arr, state.inputs[name]):
                 raise SSICError(f"input '{name}' differs from the value primed under cache id {cache_id!r}; "
                                 "prime that cache id with the same non-image inputs")
-        masks = self.source_masks(arrays, cache_id) if mask is None else self._user_masks(mask)
-        with self._lock:
-            self._last_edit[cache_id] = arrays
+        masks = self._source_masks(arrays, state) if mask is None else self._user_masks(mask)
         stats = EditStats(macs_dense=int(self.manifest.macs.dense))
+        record = _LastEdit(weakref.ref(state), arrays, "cached", auto_mask=mask is None)
         if not any(m.any() for m in masks.values()):
-            stats.mode, stats.seconds = "cached", time.perf_counter() - t0
-            self.last = stats
-            return {k: v.copy() for k, v in state.outputs.items()}
+            stats.mode = "cached"
+            return record, {k: v.copy() for k, v in state.outputs.items()}, stats
         tiles = self._tiles(masks)
         stats.active_tiles = {g: int(v.shape[0]) for g, v in tiles.items()}
         stats.active_fraction = sum(stats.active_tiles.values()) / max(self.manifest.total_cells, 1)
@@ -264,24 +360,146 @@ class Session:
         run_start = time.perf_counter()
         if mode == "dense" or stats.reason:
             out = self.backend.run_dense(arrays)
-            stats.mode = "dense"
+            stats.mode = record.mode = "dense"
             self.cost.record_dense(time.perf_counter() - run_start)
         else:
             feeds = {g.tiles_input: tiles[g.name] for g in self.grids}
-            out = self.backend.run_sparse(arrays, feeds, state.caches)
-            stats.mode = "sparse"
+            keep = self.keep_commit_tiles if keep is None else keep
+            result = self.backend.run_sparse(arrays, feeds, state.caches, commit=keep)
+            stats.mode = record.mode = "sparse"
             self.cost.record_sparse(fraction, time.perf_counter() - run_start)
-        stats.seconds = time.perf_counter() - t0
-        self.last = stats
-        return out
+            out = {n: result[n] for n in self.output_names}
+            record.updates = {k: v for k, v in result.items() if k not in out}
+            record.tiles = tiles
+        # the state's outputs after a commit: a copy, so that changing the returned arrays cannot reach it
+        record.outputs = {k: v.copy() for k, v in out.items()}
+        return record, out, stats
 
-    def commit(self, inputs: dict | None = None, cache_id: object = 0) -> None:
-        """Make the last edit of ``cache_id`` (or ``inputs``) its new original: sequential editing."""
-        if inputs is None:
-            inputs = self._last_edit.get(cache_id)
-            if inputs is None:
-                raise SSICError(f"commit() without inputs needs an edit() on cache id {cache_id!r} first")
-        self.prime(inputs, cache_id)
+    def commit(self, inputs: dict | None = None, cache_id: object = 0, *, incremental: bool = True) -> None:
+        """Make the last edit of ``cache_id`` (or ``inputs``) its new original: sequential editing.
+
+        Incremental (``self.last_commit.mode == "incremental"``): the new tiles the last sparse edit
+        computed for every cached activation are written into the caches at that edit's active tiles
+        (an in-place scatter on the host: cost of the order of an edit, not of a prime), the
+        incremental GroupNorm sums become the edited tensor's sums, and the edit's outputs become the
+        primed outputs. The tiles come from the edit when ``self.keep_commit_tiles`` was on, else the
+        commit runs the sparse graph once more on that edit's tiles. ``inputs`` given and different
+        from the last edit's: they are edited first (difference mask). A last edit under a user
+        ``mask`` whose tiles miss part of the difference with the original is edited again with the
+        difference mask first, so the new original is always the edited input.
+
+        Exactness: in exact mode (``exact=True``) every pixel the edit changes lies in an active tile,
+        so a chain of edits and commits equals a fresh ``prime`` on the final input (up to float
+        rounding, mostly of the incremental GroupNorm sums). In the default mode pixels outside the
+        active tiles that the dense model would change keep their old values, as in the edit itself
+        (SIGE's approximation): the committed caches are what the edit computed, so that error stays
+        in the caches and adds up over a chain of commits (DDIM tiny, five 28x28 edits: 47.9 dB on the
+        next edit vs 60.8 dB after a prime); ``incremental=False`` (or ``prime``) resets it. With
+        ``gn_stats="cached"`` the GroupNorm scale/shift stay those of the first primed input.
+
+        Re-primes on the edited input (``mode == "prime"``) with ``incremental=False``, when the last
+        edit ran dense, when the cache state was primed again since that edit, or when the backend
+        cannot write its caches in place (TensorRT: device buffers). Committing an edit that changed
+        nothing beyond eps or committing twice is a no-op (``mode == "none"``). Raises ``SSICError``
+        without an edit to commit or for bad inputs.
+        """
+        t0 = time.perf_counter()
+        arrays = None if inputs is None else self._check_inputs(inputs)
+        with self._commit_lock:  # one commit at a time: each folds into the state the previous one left
+            mode = self._commit(arrays, cache_id, incremental)
+        self.last_commit = CommitStats(mode, time.perf_counter() - t0)
+
+    def _commit(self, arrays: dict[str, np.ndarray] | None, cache_id: object, incremental: bool) -> str:
+        """The body of :meth:`commit` (under the commit lock); returns the CommitStats mode."""
+        with self._lock:
+            last = self._last_edit.get(cache_id)
+            state = self._states.get(cache_id)
+        if arrays is not None:
+            spatial = {s.input for s in self.sources}
+            same_other = state is not None and all(
+                np.array_equal(a, state.inputs[n]) for n, a in arrays.items() if n not in spatial)
+            if not same_other or not incremental:  # unprimed cache id or another timestep: nothing to fold into
+                self.prime(arrays, cache_id)
+                if last is not None:
+                    last.committed = True
+                return "prime"
+            if last is None or not last.read(state) or last.committed or any(
+                    not np.array_equal(a, last.inputs[n]) for n, a in arrays.items()):
+                with state.lock.read():
+                    last, _, _ = self._edit(state, arrays, None, "auto", cache_id, keep=True)
+        elif last is None:
+            raise SSICError(f"commit() without inputs needs an edit() on cache id {cache_id!r} first")
+        if last.committed:
+            return "none"
+        if incremental:
+            mode = self._fold(last, cache_id)
+        else:
+            self.prime(last.inputs, cache_id)
+            mode = "prime"
+        last.committed = True  # (also when _fold recomputed the edit: a second commit is a no-op)
+        return mode
+
+    def _fold(self, last: _LastEdit, cache_id: object) -> str:
+        """Make ``last``'s inputs the original of ``cache_id`` (incrementally where possible); returns the mode."""
+        with self._lock:
+            state = self._states.get(cache_id)
+        if last.read(state) and not last.auto_mask:
+            # a user mask may miss part of the change (or select more): fold the edit only where
+            # its tiles cover every tile the difference with the original activates
+            masks = self._source_masks(last.inputs, state)
+            covered = last.mode == "sparse" and _tiles_cover(last.tiles, self._tiles(masks))
+            if not covered:
+                # (sparse again where the user's edit ran sparse; else the session's dense fallback decides)
+                mode = "sparse" if last.mode == "sparse" else "auto"
+                with state.lock.read():
+                    last, _, _ = self._edit(state, last.inputs, None, mode, cache_id, keep=True)
+        if last.read(state) and last.mode == "cached":
+            # nothing beyond eps changed: the caches (and the inputs the next mask is measured
+            # against) stay those of the original
+            return "none"
+        views = self._commit_views(state) if last.read(state) and last.mode == "sparse" else None
+        if views is None:
+            self.prime(last.inputs, cache_id)
+            return "prime"
+        updates = last.updates
+        if any(c.commit not in updates for c in self.manifest.caches if c.name in views):
+            # the edit did not keep its tiles (keep_commit_tiles off): compute them again, once
+            feeds = {g.tiles_input: last.tiles[g.name] for g in self.grids}
+            with state.lock.read():
+                updates = self.backend.run_sparse(last.inputs, feeds, state.caches, commit=True)
+        grids = {g.name: g for g in self.grids}
+        with state.lock.write():
+            for c in self.manifest.caches:
+                view = views.get(c.name)
+                if view is None:
+                    continue
+                if c.layout == "C":
+                    view[...] = updates[c.commit].reshape(view.shape)
+                else:
+                    g = grids[c.resolution]
+                    scatter_tiles(view, updates[c.commit], last.tiles[g.name], g.tile, nchw=c.layout == "NCHW")
+            state.inputs = last.inputs
+            state.outputs = last.outputs
+        last.updates = {}
+        return "incremental"
+
+    def _commit_views(self, state: CacheState) -> dict[str, np.ndarray] | None:
+        """Writable host views of the caches a commit updates, or None when one cannot be updated in place."""
+        grids = {g.name for g in self.grids}
+        views = {}
+        for c in self.manifest.caches:
+            if c.commit is None:
+                if c.kind in ("gn_scale", "gn_shift"):
+                    continue  # gn_stats="cached": the first original's statistics by design
+                return None
+            if c.layout != "C" and c.resolution not in grids:
+                return None
+            view = self.backend.host_view(state.caches[c.name])
+            if view is None or list(view.shape) != list(c.shape) or not view.flags.c_contiguous \
+                    or not view.flags.writeable:
+                return None
+            views[c.name] = view
+        return views
 
     def close(self) -> None:
         """Drop every cache state and release the backend."""
@@ -289,3 +507,44 @@ class Session:
             self._states.clear()
             self._last_edit.clear()
         self.backend.close()
+
+
+def _tiles_cover(have: dict[str, np.ndarray], need: dict[str, np.ndarray]) -> bool:
+    """Whether every grid's tiles ``need`` (int64 ``[n, 2]`` corners) are among ``have``'s."""
+    for grid, idx in need.items():
+        got = {tuple(r) for r in np.asarray(have.get(grid, np.zeros((0, 2), np.int64))).tolist()}
+        if any(tuple(r) not in got for r in np.asarray(idx).tolist()):
+            return False
+    return True
+
+
+def scatter_tiles(cache: np.ndarray, tiles: np.ndarray, idx: np.ndarray, tile: int, *, nchw: bool) -> None:
+    """Write tile tensor ``tiles`` (``[n*t*t, C]``, rows ``(tile, py, px)``) into ``cache`` in place.
+
+    ``cache`` is ``[H, W, C]`` (``nchw`` False) or ``[1, C, H, W]``, any float dtype (values are cast);
+    ``idx`` int64 ``[n, 2]`` are the tiles' top-left corners (multiples of ``tile``). Pixels of clipped
+    tiles outside the image are dropped. Same result as ``ssic.ops.tile_scatter_ref`` without residual.
+    """
+    n, t = int(idx.shape[0]), int(tile)
+    if n == 0:
+        return
+    if nchw:
+        c, h, w = cache.shape[1:]
+    else:
+        h, w, c = cache.shape
+    rows = tiles.reshape(n, t, t, c)
+    if not nchw and h % t == 0 and w % t == 0:
+        # whole tiles: the cache as a grid of cells (a view), one fancy assignment of t*C-long rows
+        cache.reshape(h // t, t, w // t, t, c)[idx[:, 0] // t, :, idx[:, 1] // t] = rows
+        return
+    off = np.arange(t)
+    y = (idx[:, 0, None, None] + off[None, :, None]).repeat(t, axis=2)  # [n, t, t]
+    x = (idx[:, 1, None, None] + off[None, None, :]).repeat(t, axis=1)
+    ok = (y < h) & (x < w)
+    flat = (y * w + x)[ok]
+    if nchw:
+        # per channel, a scatter along the flattened pixels: measured 7x faster than indexing the
+        # NCHW cache as a grid of cells (DDIM-sized 256x256x128, 3% of the tiles: 3 vs 22 ms)
+        cache.reshape(c, h * w)[:, flat] = rows[ok].T
+    else:
+        cache.reshape(h * w, c)[flat] = rows[ok]

@@ -33,6 +33,13 @@ def test_prediction_is_the_best_seen_cost_per_mac():
     assert abs(cm.predicted_sparse_seconds(0.3) - 1.5) < 1e-9 and cm.prefers_dense(0.3)
 
 
+def test_explores_sparse_after_a_run_of_dense_choices():
+    cm = CostModel(explore=3)
+    cm.record_dense(1.0)
+    cm.record_sparse(0.5, 2.0)
+    assert [cm.prefers_dense(0.5) for _ in range(8)] == [True, True, True, False, True, True, True, False]
+
+
 def test_session_falls_back_to_dense_where_measured_slower(tmp_path):
     class Net(torch.nn.Module):
         def __init__(self):

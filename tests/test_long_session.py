@@ -74,8 +74,9 @@ def random_rect_mask(rng, h: int, w: int) -> np.ndarray:
 
 
 def _long_session(art, n_edits: int, make_mask, inputs: dict, src: str, out_name: str, *, check_every: int = 50,
-                  warmup: int = 50, threads: int = 2, seed: int = 0):
-    """Run ``n_edits`` edits on one session; returns (rss growth MB, seconds per edit, modes, number of fresh checks)."""
+                  warmup: int = 50, threads: int = 2, seed: int = 0, mode: str = "auto"):
+    """Run ``n_edits`` edits on one session (``mode`` as ``Session.edit``'s); returns (rss growth MB, seconds
+    per edit, modes, number of fresh checks)."""
     rng = np.random.default_rng(seed)
     sess = ssic.load(art, threads=threads)
     sess.prime(inputs)
@@ -91,7 +92,7 @@ def _long_session(art, n_edits: int, make_mask, inputs: dict, src: str, out_name
         noise = rng.standard_normal(x.shape).astype(np.float32)
         x[..., mask] += noise[..., mask]
         edited[src] = x
-        out = sess.edit(edited, mask=mask)[out_name]
+        out = sess.edit(edited, mask=mask, mode=mode)[out_name]
         modes[sess.last.mode] = modes.get(sess.last.mode, 0) + 1
         if i == warmup:
             gc.collect()
@@ -106,7 +107,8 @@ def _long_session(art, n_edits: int, make_mask, inputs: dict, src: str, out_name
     for i, edited, mask, out, mode in saved:
         fresh = ssic.load(art, threads=threads)
         fresh.prime(inputs)
-        want = fresh.edit(edited, mask=mask)[out_name]
+        # the same mode: "auto" depends on the session's measured run times (ssic/cost_model.py)
+        want = fresh.edit(edited, mask=mask, mode=mode if mode in ("sparse", "dense") else "auto")[out_name]
         assert fresh.last.mode == mode
         np.testing.assert_allclose(out, want, atol=1e-6, rtol=0, err_msg=f"edit {i} differs from a fresh session")
         checks += 1
@@ -119,8 +121,9 @@ def _long_session(art, n_edits: int, make_mask, inputs: dict, src: str, out_name
 def test_1000_edits_small_net(small_net):
     rng = np.random.default_rng(42)
     x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
+    # sparse forced: on a net this small the measured cost model sends most edits dense (ssic/cost_model.py)
     growth, secs, modes, checks = _long_session(small_net, 1000, lambda r: random_rect_mask(r, H, W), {"x": x},
-                                                "x", "y", check_every=50, warmup=50)
+                                                "x", "y", check_every=50, warmup=50, mode="sparse")
     print(f"\n1000 edits (small net {H}x{W}, exact): RSS growth {growth:+.1f} MB after warm-up, "
           f"{1000 * secs:.2f} ms/edit, modes {modes}, {checks} fresh-session checks")
     assert checks == 20
@@ -184,6 +187,7 @@ def test_commit_sequential_editing(small_net):
         np.testing.assert_allclose(out, ref.dense({"x": nxt})["y"], atol=1e-4, rtol=0)
         sess.commit({"x": nxt}, cache_id="b")
         cur = nxt
-    np.testing.assert_array_equal(sess.edit({"x": cur}, cache_id="b")["y"], ref.dense({"x": cur})["y"])
+    # an incremental commit keeps the sparse edit's outputs: equal to dense within float rounding
+    np.testing.assert_allclose(sess.edit({"x": cur}, cache_id="b")["y"], ref.dense({"x": cur})["y"], atol=1e-5, rtol=0)
     assert sess.last.mode == "cached"
     assert sorted(map(str, sess.cache_ids)) == ["0", "b"]

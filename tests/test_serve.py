@@ -171,7 +171,9 @@ def test_sessions_match_a_local_session_evict_and_reprime(served):
     # commit: the last edit becomes the original on the server and locally
     r = requests.post(f"{url}/v1/sessions/{sids[0]}/commit", timeout=300)
     assert r.status_code == 200 and r.json()["version"] == 1
-    local.commit(cache_id=0)
+    # the server re-primes on the committed input (any replica can rebuild the state from it alone);
+    # Session.commit() folds the edit's tiles instead, equal to that only in exact mode
+    local.prime({"seg": labels_to_input(_stroke(labs[0], 3), 36, "t")}, cache_id=0)
     edited = _stroke(_stroke(labs[0], 3), 11)
     r = _post(url, f"/v1/sessions/{sids[0]}/edit", edited)
     ref = local.edit({"seg": labels_to_input(edited, 36, "t")}, cache_id=0)
@@ -257,13 +259,15 @@ def test_export_triton_runs_like_the_session(tiny_artefact, tmp_path):
         return out["image"], {c["name"]: out[c["name"] + ".next"] for c in caches}
 
     a, b = labels_to_input(_labels(1), 36, "t"), labels_to_input(_stroke(_labels(1), 2), 36, "t")
-    zeros = {c["name"]: np.zeros(c["shape"], np.float32) for c in caches}
+    zeros = {c["name"]: np.zeros(c["shape"], c.get("dtype", "float32")) for c in caches}  # Triton's zero states
+    assert any(c["dtype"] == "float16" for c in caches)  # the states carry the caches' own dtype
     none = np.zeros((256, 512), bool)
     img, state = step(a, none, True, False, zeros)  # sequence start: prime
     np.testing.assert_allclose(img, sess.prime({"seg": a})["image"], atol=1e-4)
     mask = sess.difference_mask({"seg": b})
     img, state2 = step(b, mask, False, False, state)  # edit: sparse on the state
-    np.testing.assert_allclose(img, sess.edit({"seg": b}, mask=mask, mode="sparse")["image"], atol=1e-4)
+    # ONNX Runtime optimises the inlined If branch on its own: float rounding differs (1.1e-4 seen)
+    np.testing.assert_allclose(img, sess.edit({"seg": b}, mask=mask, mode="sparse")["image"], atol=5e-4)
     assert all(np.array_equal(state[k], state2[k]) for k in state)  # edits leave the caches alone
     assert np.abs(img - step(a, none, True, False, zeros)[0]).max() > 1e-3  # the edit changed something
 

@@ -204,6 +204,7 @@ def test_commit_and_forget_while_other_ids_edit(art, setup):
             np.testing.assert_allclose(out, setup["refs"][i][k], atol=1e-6, rtol=0)
     # id 0 now holds the 10th edit as its original
     e9 = setup["cases"][0][9][0]
-    np.testing.assert_array_equal(sess.edit({"x": e9}, cache_id=0)["y"], sess.dense({"x": e9})["y"])
+    # (an incremental commit keeps the sparse edit's outputs: equal to dense within float rounding)
+    np.testing.assert_allclose(sess.edit({"x": e9}, cache_id=0)["y"], sess.dense({"x": e9})["y"], atol=1e-5, rtol=0)
     assert sess.last.mode == "cached"
     assert "tmp" not in sess.cache_ids

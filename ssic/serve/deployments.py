@@ -169,7 +169,9 @@ def editor_deployment(max_sessions: int):
 
         async def commit(self, session_id: str, base: list, version: int) -> dict:
             t0 = time.perf_counter()
-            await self._get(session_id, base, version)  # primes on the new original
+            # primes on the new original, not Session.commit's incremental fold: every replica must
+            # rebuild the same caches from the stored original alone (after an eviction, on another replica)
+            await self._get(session_id, base, version)
             return {"mode": "commit", "ms": 1e3 * (time.perf_counter() - t0), "replica": self.replica}
 
         def close(self, session_id: str) -> None:
@@ -396,15 +398,15 @@ class _HTTPError(Exception):
 
 def session_bytes(manifest) -> int:
     """Bytes one primed session holds on a replica: its caches (at their stored dtype: float16 caches
-    take 2 bytes a value), the original and the last edited inputs (float32 after decoding) and the
-    primed outputs."""
+    take 2 bytes a value), the original and the last edited inputs (float32 after decoding), the
+    primed outputs and the last edit's (kept for commit)."""
     itemsize = {"float16": 2, "bfloat16": 2, "float64": 8, "double": 8}
 
     def size(specs) -> int:
         return sum(int(np.prod(c.shape)) * itemsize.get(c.dtype, 4) for c in specs)
 
     inputs, outputs = model_io(manifest)
-    return size(cache_specs(manifest)) + 2 * size(inputs) + size(outputs)
+    return size(cache_specs(manifest)) + 2 * size(inputs) + 2 * size(outputs)
 
 
 def max_body_bytes(inputs: list[IOSpec], mask_hw: tuple[int, int]) -> int:

@@ -33,9 +33,15 @@ from ssic.errors import SSICError
 
 START, PRIME, NEXT = "ssic.start", "ssic.prime", ".next"
 _TRITON_TYPES = {"float": "TYPE_FP32", "float32": "TYPE_FP32", "int64": "TYPE_INT64", "bool": "TYPE_BOOL",
-                 "int32": "TYPE_INT32", "float16": "TYPE_FP16"}
+                 "int32": "TYPE_INT32", "float16": "TYPE_FP16", "float64": "TYPE_FP64", "double": "TYPE_FP64"}
 _ONNX_TYPES = {"float": TensorProto.FLOAT, "float32": TensorProto.FLOAT, "int64": TensorProto.INT64,
-               "bool": TensorProto.BOOL, "int32": TensorProto.INT32, "float16": TensorProto.FLOAT16}
+               "bool": TensorProto.BOOL, "int32": TensorProto.INT32, "float16": TensorProto.FLOAT16,
+               "float64": TensorProto.DOUBLE, "double": TensorProto.DOUBLE}
+
+
+def _cache_type(c: dict) -> int:
+    """The ONNX element type of a cache (float16 caches, float64 GroupNorm sums)."""
+    return _ONNX_TYPES[c.get("dtype", "float32")]
 
 
 def _manifest(path: Path) -> dict:
@@ -93,8 +99,10 @@ def build_session_model(art: Path, manifest: dict) -> onnx.ModelProto:
     pmap: dict[str, str] = {}
     then_nodes = _inline(prime, "prime/", outer, pmap, inits)
     then_out = []
-    for name in outputs + [c["name"] for c in caches]:
+    for name in outputs:
         then_out.append(helper.make_tensor_value_info(pmap[name], TensorProto.FLOAT, None))
+    for c in caches:
+        then_out.append(helper.make_tensor_value_info(pmap[c["name"]], _cache_type(c), None))
 
     # else: mask graph -> tiles, sparse graph, caches passed through
     mmap: dict[str, str] = {}
@@ -104,7 +112,7 @@ def build_session_model(art: Path, manifest: dict) -> onnx.ModelProto:
     else_out = [helper.make_tensor_value_info(smap[n], TensorProto.FLOAT, None) for n in outputs]
     for c in caches:
         else_nodes.append(helper.make_node("Identity", [c["name"]], [f"sparse/{c['name']}{NEXT}"]))
-        else_out.append(helper.make_tensor_value_info(f"sparse/{c['name']}{NEXT}", TensorProto.FLOAT, None))
+        else_out.append(helper.make_tensor_value_info(f"sparse/{c['name']}{NEXT}", _cache_type(c), None))
 
     then_g = helper.make_graph(then_nodes, "prime", [], then_out)
     else_g = helper.make_graph(else_nodes, "edit", [], else_out)
@@ -117,10 +125,10 @@ def build_session_model(art: Path, manifest: dict) -> onnx.ModelProto:
     g_inputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 1, h, w]) for n, h, w in mask_ins]
     g_inputs += [helper.make_tensor_value_info(START, TensorProto.BOOL, [1]),
                  helper.make_tensor_value_info(PRIME, TensorProto.BOOL, [1])]
-    g_inputs += [helper.make_tensor_value_info(c["name"], TensorProto.FLOAT, c["shape"]) for c in caches]
+    g_inputs += [helper.make_tensor_value_info(c["name"], _cache_type(c), c["shape"]) for c in caches]
     g_outputs = [helper.make_tensor_value_info(o["name"], _ONNX_TYPES[o["dtype"]], o["shape"])
                  for o in manifest["outputs"]]
-    g_outputs += [helper.make_tensor_value_info(c["name"] + NEXT, TensorProto.FLOAT, c["shape"]) for c in caches]
+    g_outputs += [helper.make_tensor_value_info(c["name"] + NEXT, _cache_type(c), c["shape"]) for c in caches]
     top = helper.make_graph(top_nodes, "ssic_session", g_inputs, g_outputs, initializer=inits)
     opsets: dict[str, int] = {}
     for m in graphs.values():
@@ -152,8 +160,9 @@ def config_text(name: str, manifest: dict, *, instance_kind: str, library: str |
               "bool_false_true: [ false, true ] } ] }", "  ]", "  state ["]
     states = []
     for c in manifest["caches"]:
-        states.append(f'    {{ input_name: "{c["name"]}" output_name: "{c["name"]}{NEXT}" data_type: TYPE_FP32 '
-                      f'dims: {_dims(c["shape"])} initial_state: {{ name: "zeros" data_type: TYPE_FP32 '
+        t = _TRITON_TYPES[c.get("dtype", "float32")]
+        states.append(f'    {{ input_name: "{c["name"]}" output_name: "{c["name"]}{NEXT}" data_type: {t} '
+                      f'dims: {_dims(c["shape"])} initial_state: {{ name: "zeros" data_type: {t} '
                       f'dims: {_dims(c["shape"])} zero_data: true }} }}')
     lines += [",\n".join(states), "  ]", "}",
               f"instance_group [ {{ count: 1 kind: {instance_kind} }} ]"]

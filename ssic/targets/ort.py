@@ -43,6 +43,9 @@ class OrtBackend(Backend):
                                 "recompile the artefact or reinstall ssic (`pip install -e .`)")
         self.output_names = manifest.output_names
         self.cache_names = [c.name for c in manifest.caches]
+        # what a commit folds into the caches (docs/architecture.md, "Commit"): tiles the sparse graph
+        # computes anyway
+        self.commit_names = list(dict.fromkeys(c.commit for c in manifest.caches if c.commit))
         for which in preload:
             self.session(which)
 
@@ -105,7 +108,7 @@ class OrtBackend(Backend):
         nbytes = self.manifest.cache_bytes()
         return outputs, caches, nbytes
 
-    def run_sparse(self, inputs, tiles, caches):
+    def run_sparse(self, inputs, tiles, caches, *, commit=False):
         sess = self.session("sparse")
         io = sess.io_binding()
         wanted = {i.name for i in sess.get_inputs()}
@@ -118,10 +121,17 @@ class OrtBackend(Backend):
         for name, value in caches.items():
             if name in wanted:
                 io.bind_ortvalue_input(name, value)
-        for name in self.output_names:
+        # commit outputs only when asked: unfetched, ONNX Runtime computes them as the intermediates they
+        # are; fetched, the edit measured a few percent slower (DDIM tiny, docs/architecture.md "Commit")
+        names = self.output_names + [n for n in self.commit_names if commit and n not in self.output_names]
+        for name in names:
             io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)
-        return {n: v.numpy() for n, v in zip(self.output_names, io.get_outputs(), strict=True)}
+        return {n: v.numpy() for n, v in zip(names, io.get_outputs(), strict=True)}
+
+    def host_view(self, cache):
+        # a CPU OrtValue's numpy() shares its buffer: writing it updates what the sparse graph binds
+        return cache.numpy()
 
     def run_mask(self, masks):
         sess = self.session("mask")

@@ -246,6 +246,11 @@ def build_engine(trt: TensorRT, onnx_path: Path, engine_path: Path, profiles: di
     logger = _make_logger(trt, log)
     builder = mod.Builder(logger)
     network, _parser = _parse(trt, builder, logger, onnx_path)
+    # the sparse graph's commit outputs serve host-side commits (ONNX Runtime); TensorRT's caches are
+    # device buffers and its commit re-primes, so an engine does not output them
+    for i in reversed(range(network.num_outputs)):
+        if network.get_output(i).name.startswith("ssic.commit."):
+            network.unmark_output(network.get_output(i))
     bindings = network_bindings(trt, network, _onnx_io(onnx_path), profiles)
     config = builder.create_builder_config()
     if optimization_level is not None:

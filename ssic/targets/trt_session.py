@@ -195,7 +195,9 @@ class TensorRTBackend(Backend):
         caches = {n: outs[n] for n in self.cache_names}
         return outputs, caches, sum(b.nbytes for b in caches.values())
 
-    def run_sparse(self, inputs, tiles, caches):
+    def run_sparse(self, inputs, tiles, caches, *, commit=False):
+        # caches are device buffers: a commit re-primes (Backend.host_view is None), so the engine's
+        # commit outputs are never downloaded
         host = dict(inputs)
         for g in self.manifest.grids:
             idx = np.ascontiguousarray(tiles[g.tiles_input], dtype=np.int64).reshape(-1, 2)

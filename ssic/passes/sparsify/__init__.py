@@ -62,6 +62,7 @@ class SparsifyPass:
                 out.name = out.name + "/ssic_replaced"
                 graph.outputs[i] = full
         _cleanup(ctx)
+        ctx.add_commit_outputs()
         return ctx.result
 
     @staticmethod

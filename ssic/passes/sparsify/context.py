@@ -39,12 +39,18 @@ class CacheSpec:
     resolution: str | None = None
     layer: str | None = None
     dtype: str = "float32"
+    #: the sparse graph output a commit folds into this cache: the value's new tiles ``[n*t*t, C]`` on
+    #: the grid of ``resolution`` (activations) or the new ``[C]`` statistic; None: commit re-primes
+    commit: str | None = None
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "name": self.name, "source": self.source, "layout": self.layout, "shape": list(self.shape),
             "dtype": self.dtype, "kind": self.kind, "resolution": self.resolution, "layer": self.layer,
         }
+        if self.commit is not None:
+            out["commit"] = self.commit
+        return out
 
 
 @dataclass
@@ -123,6 +129,8 @@ class SparsifyContext:
         self.decisions: dict[ir.Node, ConvDecision] = {}
         self.counter = 0
         self.result = SparsifyResult()
+        #: cache name -> the sparse-graph value a commit folds into it (see :meth:`note_commit`)
+        self.commit_values: dict[str, ir.Value] = {}
 
     @property
     def opset(self) -> int:
@@ -196,6 +204,36 @@ class SparsifyContext:
             self.result.caches.append(CacheSpec(name, value.name, layout, cshape, "activation", f"{h}x{w}", layer,
                                                 dtype))
         return self.cache_inputs[key]
+
+    def note_commit(self, cache: ir.Value, update: ir.Value | None) -> None:
+        """Record that ``update`` holds the edited value of cache input ``cache``: the cached tensor's
+        new tiles on its grid (the tiles the sparse graph read with the cache) or a new ``[C]`` statistic.
+        The first record wins (every tile tensor of one value holds the same numbers)."""
+        if update is not None and update.producer() is not None:
+            self.commit_values.setdefault(cache.name, update)
+
+    def add_commit_outputs(self) -> None:
+        """Make every recorded update a graph output ``ssic.commit.<cache>`` and name it in the cache's spec.
+
+        The values are computed by every edit anyway; an output shared by two caches (the NHWC and NCHW
+        caches of one value) is listed once.
+        """
+        for spec in self.result.caches:
+            value = self.commit_values.get(spec.name)
+            if value is None:
+                continue
+            if not value.is_graph_output():
+                value.name = f"ssic.commit.{spec.name.removeprefix('ssic.')}"
+                if spec.layout == "C":
+                    value.shape = value.shape or ir.Shape(spec.shape)
+                    value.type = value.type or ir.TensorType(
+                        ir.DataType.DOUBLE if spec.dtype == "float64" else ir.DataType.FLOAT)
+                else:
+                    channels = spec.shape[1] if spec.layout == "NCHW" else spec.shape[-1]
+                    value.shape = value.shape or ir.Shape([None, channels])
+                    value.type = value.type or ir.TensorType(ir.DataType.FLOAT)  # tile tensors are float32
+                self.graph.outputs.append(value)
+            spec.commit = value.name
 
     def stat_input(self, name: str, source: ir.Value, channels: int, kind: str, grid: Grid, layer: str,
                    dtype: str) -> ir.Value:
@@ -290,8 +328,9 @@ class SparsifyContext:
             attrs.update(src_tile=1, src_layout=LAYOUT_NCHW)
         elif isinstance(source, TileValue) and source.base is not None:
             epi = source
-            inputs = [source.tiles, self.cache(source.base, "NHWC", None), self.tiles_input(source.grid),
-                      self.tiles_input(grid)]
+            cache = self.cache(source.base, "NHWC", None)
+            self.note_commit(cache, source.tiles)
+            inputs = [source.tiles, cache, self.tiles_input(source.grid), self.tiles_input(grid)]
             attrs.update(src_tile=source.grid.tile, src_layout=LAYOUT_NHWC)
         else:
             raise AssertionError(f"cannot gather from {source!r}: call gather_source first")
@@ -302,10 +341,13 @@ class SparsifyContext:
             attrs.update(activation=epi.act, alpha=float(epi.alpha))
         return self.add("TileGather", inputs + extra, attrs, domain="ssic", name_hint=hint)
 
-    def gather_cached(self, value: ir.Value, grid: Grid, channels: int, hint: str) -> ir.Value:
-        """The prime-run values of ``value`` under the active tiles of ``grid`` (``[n*t*t, C]``)."""
-        inputs = [self.empty_tiles(channels), self.cache(value, "NHWC", None), self.empty_idx(),
-                  self.tiles_input(grid)]
+    def gather_cached(self, value: ir.Value, grid: Grid, channels: int, hint: str,
+                      tiles: ir.Value | None = None) -> ir.Value:
+        """The prime-run values of ``value`` under the active tiles of ``grid`` (``[n*t*t, C]``);
+        ``tiles``, when given, are ``value``'s new tiles there (what a commit writes into the cache)."""
+        cache = self.cache(value, "NHWC", None)
+        self.note_commit(cache, tiles)
+        inputs = [self.empty_tiles(channels), cache, self.empty_idx(), self.tiles_input(grid)]
         attrs = {"tile": grid.tile, "kernel": 1, "stride": 1, "pad_top": 0, "pad_left": 0, "upsample": 1,
                  "activation": ACT_IDENTITY, "alpha": 0.0, "src_tile": 1, "src_layout": LAYOUT_NHWC}
         return self.add("TileGather", inputs, attrs, domain="ssic", name_hint=hint)
@@ -353,6 +395,7 @@ class SparsifyContext:
             # pixels no active tile covers keep their prime value (the approximation SIGE makes too)
             tiles = self.evaluate(rep)
             cache = self.cache(value, "NCHW", None)
+            self.note_commit(cache, tiles)
             full = self.add("TileScatter", [tiles, cache, self.tiles_input(rep.grid)], {"tile": rep.grid.tile},
                             domain="ssic", name_hint="materialize")
             full.shape = value.shape

@@ -54,7 +54,7 @@ def _incremental_stats(ctx: SparsifyContext, rep: TileValue, s1: ir.Value, s2: i
     squares). Four float32 reductions over the ``[M, C]`` tiles; the ``[C]`` arithmetic runs in float64.
     """
     c, grid = rep.channels, rep.grid
-    old = ctx.gather_cached(rep.base, grid, c, "gn_old")
+    old = ctx.gather_cached(rep.base, grid, c, "gn_old", tiles=rep.tiles)
     new = rep.tiles
     if grid.height % grid.tile or grid.width % grid.tile:
         valid = ctx.valid_rows(grid)
@@ -70,8 +70,11 @@ def _incremental_stats(ctx: SparsifyContext, rep: TileValue, s1: ir.Value, s2: i
     per_group = ctx.i64([groups, cpg], "gshape")
     axis1 = ctx.i64([1], "axis1")
     n = float(grid.height * grid.width * cpg)
-    g1 = ctx.add("ReduceSum", [ctx.add("Reshape", [ctx.add("Add", [s1, d1]), per_group]), axis1], {"keepdims": 1})
-    g2 = ctx.add("ReduceSum", [ctx.add("Reshape", [ctx.add("Add", [s2, d2]), per_group]), axis1], {"keepdims": 1})
+    new1, new2 = ctx.add("Add", [s1, d1]), ctx.add("Add", [s2, d2])
+    ctx.note_commit(s1, new1)  # the edited tensor's sums: what a commit stores
+    ctx.note_commit(s2, new2)
+    g1 = ctx.add("ReduceSum", [ctx.add("Reshape", [new1, per_group]), axis1], {"keepdims": 1})
+    g2 = ctx.add("ReduceSum", [ctx.add("Reshape", [new2, per_group]), axis1], {"keepdims": 1})
     mean = ctx.add("Div", [g1, ctx.const(np.array(n), "count")])
     var = ctx.add("Sub", [ctx.add("Div", [g2, ctx.const(np.array(n), "count")]), ctx.add("Mul", [mean, mean])])
     inv = ctx.add("Reciprocal", [ctx.add("Sqrt", [ctx.add("Add", [var, ctx.const(np.array(float(eps)), "eps")])])])
