@@ -122,6 +122,8 @@ class SparsifyContext:
         self.decisions: dict[ir.Node, ConvDecision] = {}
         self.counter = 0
         self.result = SparsifyResult()
+        #: values a rule module builds once per sparse graph (e.g. a grid's raster row index), by key
+        self.memo: dict[tuple, ir.Value] = {}
 
     @property
     def opset(self) -> int:
@@ -351,7 +353,9 @@ class SparsifyContext:
             full.shape = value.shape
             full.type = value.type
         else:
-            full = self._recompute(value)
+            full = rep.materialize(self, value)
+            if full is None:
+                full = self._recompute(value)
         self.materialized[value] = full
         return full
 
