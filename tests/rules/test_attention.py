@@ -154,6 +154,20 @@ def test_sd_block_all_tiles_equals_dense(sd_session):
         np.testing.assert_allclose(got, sess.dense(edited)["y"], atol=1e-4, rtol=0)
 
 
+def test_inspect_says_where_attention_runs(sd_session):
+    from click.testing import CliRunner
+
+    from ssic.cli import cli
+
+    _, art = sd_session
+    res = CliRunner().invoke(cli, ["inspect", str(art)])
+    assert res.exit_code == 0, res.output
+    kinds = next(line for line in res.output.splitlines() if "by kind:" in line)
+    for part in ("conv 4/4 sparse", "self-attn 2/2 sparse", "cross-attn 2/2 sparse", "linear 8/10 sparse"):
+        assert part in kinds, kinds
+    assert any("self-attn" in line and "scattered in" in line for line in res.output.splitlines())
+
+
 def test_sd_block_small_edit_inside(sd_session):
     """Default mode: queries outside the active tiles keep their primed rows (stale keys), so the
     output is approximate; inside the edit it must be far closer to dense than the primed output."""
