@@ -326,3 +326,37 @@ def test_token_op_without_rule_materialises_rows(tmp_path):
     edited = x + rng.standard_normal(x.shape).astype(np.float32)
     got = sess.edit({"x": edited}, mask=np.ones((8, 8), bool), mode="sparse")["y"]
     np.testing.assert_allclose(got, sess.dense({"x": edited})["y"], atol=1e-4, rtol=0)
+
+
+def test_group_norm_after_flattening(tmp_path):
+    """diffusers' VAE attention normalises ``Reshape([1, C, H*W])`` of the map: the GroupNorm of the map
+    (incremental statistics on the tiles), then tokens as usual."""
+    rng = np.random.default_rng(6)
+    groups = 4
+    inits = conv_params(rng, "a", C, 3, 3) | conv_params(rng, "b", 3, C, 3) | _lin(rng, "p", C, C)
+    inits |= {"flat": np.array([1, C, H * W], np.int64), "map": np.array([1, C, H, W], np.int64),
+              "gn_s": rng.uniform(0.5, 1.5, C).astype(np.float32), "gn_b": rng.uniform(-0.2, 0.2, C).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Reshape", ["a", "flat"], ["f"]),
+        helper.make_node("GroupNormalization", ["f", "gn_s", "gn_b"], ["g"], num_groups=groups, epsilon=1e-5),
+        helper.make_node("Transpose", ["g"], ["t"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["t", "p_w"], ["pm"]),
+        helper.make_node("Add", ["pm", "p_b"], ["pt"]),
+        helper.make_node("Transpose", ["pt"], ["pf"], perm=[0, 2, 1]),
+        helper.make_node("Reshape", ["pf", "map"], ["pmap"]),
+        helper.make_node("Add", ["pmap", "a"], ["r"]),
+        helper.make_node("Conv", ["r", "b_w", "b_b"], ["y"], pads=[1, 1, 1, 1]),
+    ]
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits, opset=21)  # per-channel GroupNorm
+    # ONNX infers no shape for opset-21 GroupNormalization; the MAC count of the model needs one
+    m.graph.value_info.append(helper.make_tensor_value_info("g", 1, [1, C, H * W]))
+    sparse, result = rewrite(m, min_res=H)
+    assert result.dense_ops == [] and op_counts(sparse)["TileScatter"] == 1
+    assert [s.input for s in result.gn_stats] == ["a"]  # the statistics of the NCHW map
+    sess, _ = compile_and_load(m, tmp_path, sparse_min_res=H, tile=2)
+    x = rng.standard_normal((1, 3, H, W)).astype(np.float32)
+    sess.prime({"x": x})
+    edited = x + rng.standard_normal(x.shape).astype(np.float32)
+    got = sess.edit({"x": edited}, mask=np.ones((H, W), bool), mode="sparse")["y"]
+    np.testing.assert_allclose(got, sess.dense({"x": edited})["y"], atol=1e-4, rtol=0)

@@ -28,7 +28,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.passes.analysis import Grid, static_shape
-from ssic.passes.sparsify.context import CacheSpec, SparsifyContext
+from ssic.passes.sparsify.context import CacheSpec, SparsifyContext, const_array
+from ssic.passes.sparsify.normalization import group_norm
 from ssic.passes.sparsify.pointwise import ELEMENTWISE_BINARY, ELEMENTWISE_UNARY
 from ssic.passes.sparsify.rule import Refusal, Rule, register
 from ssic.passes.sparsify.values import Rep, TileValue
@@ -44,6 +45,8 @@ class RowTiles(Rep):
     tensor: ir.Value
     shape: tuple[int, ...]
     rows: tuple[int, ...]
+    #: the NCHW value this is ``Reshape([1, C, H*W])`` of (a GroupNorm of it is the GroupNorm of that value)
+    flat_of: ir.Value | None = None
 
     def tileable_on(self, grid: Grid) -> bool:
         return False
@@ -327,7 +330,10 @@ class TokenViewRule(Rule):
             return
         if isinstance(rep, TileValue):
             tiles = rep.to_tiles(ctx, grid, static_shape(x)[1])
-            ctx.set_rep(out, from_tile_rows(ctx, tiles, grid, shape, rows))
+            rt = from_tile_rows(ctx, tiles, grid, shape, rows)
+            if node.op_type == "Reshape" and shape == (1, static_shape(x)[1], grid.height * grid.width):
+                rt = RowTiles(grid, rt.tensor, rt.shape, rt.rows, flat_of=x)
+            ctx.set_rep(out, rt)
             return
         if node.op_type == "Transpose":
             perm = list(node.attributes.get_ints("perm", list(range(len(rep.shape)))[::-1]))
@@ -477,6 +483,36 @@ class AxisRule(Rule):
                 ctx.set_rep(out, RowTiles(rt.grid, y, static_shape(out), rt.rows))
 
 
+class FlatGroupNormRule(Rule):
+    """``GroupNormalization`` of ``Reshape([1, C, H*W])`` of a tile value (diffusers' VAE attention
+    normalises after flattening): the same statistics as the GroupNorm of the NCHW value, so it is
+    that GroupNorm (:func:`ssic.passes.sparsify.normalization.group_norm`, incremental statistics) on
+    the tiles, viewed as ``[1, C, H*W]`` again."""
+
+    op_types = ("GroupNormalization",)
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        rep = ctx.rep(node.inputs[0])
+        if not isinstance(rep, RowTiles) or rep.flat_of is None or not isinstance(ctx.rep(rep.flat_of), TileValue):
+            return Refusal("GroupNorm of a token value that is not a flattened feature map")
+        if const_array(node.inputs[1]) is None or const_array(node.inputs[2]) is None:
+            return Refusal("scale/bias not constant")
+        return None
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        rt = ctx.rep(node.inputs[0])
+        c = rt.shape[1]
+        gamma, beta = const_array(node.inputs[1]), const_array(node.inputs[2])
+        groups = node.attributes.get_int("num_groups", 1)
+        if gamma.size == groups and groups != c:
+            gamma, beta = np.repeat(gamma, c // groups), np.repeat(beta, c // groups)
+        out = node.outputs[0]
+        group_norm(ctx, node.name, rt.flat_of, out, groups, node.attributes.get_float("epsilon", 1e-5), gamma, beta)
+        normed = ctx.rep(out)
+        ctx.set_rep(out, from_tile_rows(ctx, normed.to_tiles(ctx, rt.grid, c), rt.grid, rt.shape, rt.rows))
+
+
 register(TokenViewRule())
+register(FlatGroupNormRule())
 register(RowwiseRule())
 register(AxisRule())
