@@ -58,9 +58,10 @@ def _attention(p: str, q: str, k: str, v: str, n_kv: int, out: str, inits: dict)
     ]
 
 
-def sd_block(seed: int = 0):
-    """conv -> GroupNorm-free proj_in -> tokens -> LN, self-attn, LN, cross-attn, LN, GEGLU (erf gelu)
-    -> back to [1, C, H, W] -> proj_out + residual -> conv. Inputs ``x`` [1, 4, H, W] and ``ctx``."""
+def sd_block(seed: int = 0, slices: bool = False):
+    """conv -> GroupNorm-free proj_in -> tokens -> LN, self-attn, LN, cross-attn, LN, GEGLU (erf gelu;
+    halves by Split, or by two Slices with ``slices``) -> back to [1, C, H, W] -> proj_out + residual
+    -> conv. Inputs ``x`` [1, 4, H, W] and ``ctx``."""
     rng = np.random.default_rng(seed)
     inits = conv_params(rng, "a", C, 4, 3) | conv_params(rng, "pin", C, C, 1) | conv_params(rng, "pout", C, C, 1) \
         | conv_params(rng, "b", 4, C, 3)
@@ -70,7 +71,9 @@ def sd_block(seed: int = 0):
     inits |= _lin(rng, "s_out", C, C) | _lin(rng, "c_out", C, C) | _lin(rng, "ff1", C, 2 * FF) | _lin(rng, "ff2", FF, C)
     inits |= {"tok_shape": np.array([1, H * W, C], np.int64), "map_shape": np.array([1, H, W, C], np.int64),
               "sqrt2": np.array(np.sqrt(2.0), np.float32), "one": np.array(1.0, np.float32),
-              "half": np.array(0.5, np.float32), "ff_split": np.array([FF, FF], np.int64)}
+              "half": np.array(0.5, np.float32), "ff_split": np.array([FF, FF], np.int64),
+              "s0": np.array([0], np.int64), "s1": np.array([FF], np.int64), "s2": np.array([2 * FF], np.int64),
+              "ax2": np.array([2], np.int64), "ax_1": np.array([-1], np.int64)}
     nodes = [
         helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
         helper.make_node("Conv", ["a", "pin_w", "pin_b"], ["pin"]),
@@ -91,7 +94,9 @@ def sd_block(seed: int = 0):
         _ln("ln3", "t2", "n3", inits),
         helper.make_node("MatMul", ["n3", "ff1_w"], ["f1m"]),
         helper.make_node("Add", ["f1m", "ff1_b"], ["f1"]),
-        helper.make_node("Split", ["f1", "ff_split"], ["fa", "fg"], axis=2),
+        *([helper.make_node("Slice", ["f1", "s0", "s1", "ax2"], ["fa"]),
+           helper.make_node("Slice", ["f1", "s1", "s2", "ax_1"], ["fg"])] if slices else
+          [helper.make_node("Split", ["f1", "ff_split"], ["fa", "fg"], axis=2)]),
         helper.make_node("Div", ["fg", "sqrt2"], ["g1"]),
         helper.make_node("Erf", ["g1"], ["g2"]),
         helper.make_node("Add", ["g2", "one"], ["g3"]),
@@ -137,6 +142,27 @@ def test_sd_block_structure():
     caches = {c.source: c for c in result.caches}
     assert caches["s_kts"].shape == (1, HEADS, C // HEADS, H * W) and caches["s_vh"].shape == (1, HEADS, H * W, C // HEADS)
     assert not any(s.startswith("c_") for s in caches)  # cross-attention reads no cache
+
+
+def test_geglu_halves_by_slices(tmp_path):
+    """GEGLU's halves as two constant Slices on the channel axis run on the rows too."""
+    m = sd_block(2, slices=True)
+    sparse, result = rewrite(m, min_res=H)
+    assert result.dense_ops == [] and op_counts(sparse)["TileScatter"] == 1
+    dense = [d for d in result.decisions if not d.sparse]
+    assert len(dense) == 2 and all("text context" in d.reason for d in dense)  # only the context's k/v
+    sess, _ = compile_and_load(m, tmp_path, sparse_min_res=H, tile=2)
+    x = _inputs(6)
+    sess.prime(x)
+    edited = dict(x, x=x["x"] + 1.0)
+    got = sess.edit(edited, mask=np.ones((H, W), bool), mode="sparse")["y"]
+    np.testing.assert_allclose(got, sess.dense(edited)["y"], atol=1e-4, rtol=0)
+
+
+def test_context_projections_say_why_they_run_in_full():
+    _, result = rewrite(sd_block(), min_res=H)
+    dense = [d for d in result.decisions if d.kind == "linear" and not d.sparse]
+    assert len(dense) == 2 and all("text context" in d.reason for d in dense), [d.reason for d in dense]
 
 
 @pytest.fixture(scope="module")

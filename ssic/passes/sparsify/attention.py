@@ -56,6 +56,7 @@ class MatMulRule(Rule):
     """``MatMul`` with a token operand (see the module docstring)."""
 
     op_types = ("MatMul",)
+    needs_sparse_input = False  # to say why a MatMul without a token operand runs in full
 
     def describe(self, node: ir.Node, ctx: SparsifyContext) -> ConvDecision:
         a, y = static_shape(node.inputs[0]), static_shape(node.outputs[0])
@@ -109,6 +110,13 @@ class MatMulRule(Rule):
         return grid, out_rows, full, "batch" in pos
 
     def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        if not any(ctx.rep(v).sparse for v in node.inputs if v is not None):
+            grids = {g.height * g.width for g in ctx.plan.grids.values()}
+            shapes = [static_shape(v) or () for v in node.inputs[:2]]
+            if not any(d in grids for s in shapes for d in s):
+                return Refusal("no operand runs over the pixels of a sparse grid (e.g. keys/values of the "
+                               "text context): computed in full")
+            return Refusal("no sparse input")
         plan = self._plan(node, ctx)
         return Refusal(plan) if isinstance(plan, str) else None
 

@@ -512,7 +512,48 @@ class FlatGroupNormRule(Rule):
         ctx.set_rep(out, from_tile_rows(ctx, normed.to_tiles(ctx, rt.grid, c), rt.grid, rt.shape, rt.rows))
 
 
+class SliceRule(Rule):
+    """``Slice`` with constant bounds along axes that are not the pixel rows (GEGLU's halves written as
+    two slices, a head or channel range): the same slice of the row tensor."""
+
+    op_types = ("Slice",)
+
+    @staticmethod
+    def _axes(node: ir.Node, ctx: SparsifyContext, rt: RowTiles) -> list[int] | str:
+        if len(node.inputs) < 3:
+            return "Slice with attribute bounds (opset < 10)"
+        consts = [const_array(v) if v is not None else None for v in node.inputs[1:5]]
+        if consts[0] is None or consts[1] is None or any(v is not None and c is None
+                                                         for v, c in zip(node.inputs[3:5], consts[2:], strict=False)):
+            return "Slice bounds are not constant"
+        rank = len(rt.shape)
+        axes = consts[2].reshape(-1).tolist() if len(consts) > 2 and consts[2] is not None else list(range(len(consts[0])))
+        out = [collapsed_axis(int(a), rt.rows, rank) for a in axes]
+        if any(a is None for a in out):
+            return "Slice along the pixel rows"
+        return out
+
+    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
+        rt = _single_token_input(ctx, node)
+        if rt is None:
+            return Refusal("Slice of a value that is not a token value")
+        if static_shape(node.outputs[0]) is None:
+            return Refusal("output shape unknown")
+        axes = self._axes(node, ctx, rt)
+        return Refusal(axes) if isinstance(axes, str) else None
+
+    def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
+        rt = ctx.rep(node.inputs[0])
+        axes = self._axes(node, ctx, rt)
+        inputs = [rt.tensor, node.inputs[1], node.inputs[2], ctx.i64(axes, "axes")]
+        if len(node.inputs) > 4 and node.inputs[4] is not None:
+            inputs.append(node.inputs[4])
+        y = ctx.add("Slice", inputs, name_hint="token_slice")
+        ctx.set_rep(node.outputs[0], RowTiles(rt.grid, y, static_shape(node.outputs[0]), rt.rows))
+
+
 register(TokenViewRule())
+register(SliceRule())
 register(FlatGroupNormRule())
 register(RowwiseRule())
 register(AxisRule())
