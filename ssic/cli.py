@@ -230,6 +230,21 @@ def compile_cmd(model, output, pipeline, force, as_json, **options) -> None:
              f"{len(manifest.caches)} caches ({summary['cache_mb']} MB per primed state)", 0)
 
 
+def _layer_kinds(layers) -> str:
+    """``conv 33/33 sparse (0.25 G), self-attn 8/8 sparse (0.13 G), ...``: where each kind of MAC-heavy
+    node runs (convs of any kernel together; MatMuls as linear / self-attn / cross-attn / attention)."""
+    kinds: dict[str, list] = {}
+    for layer in layers:
+        conv = layer.kind[:1].isdigit() or (layer.kind[:1] == "T" and layer.kind[1:2].isdigit())  # 3x3, T4x4/s2
+        kind = "conv" if conv else layer.kind
+        row = kinds.setdefault(kind, [0, 0, 0])
+        row[0] += bool(layer.sparse)
+        row[1] += 1
+        row[2] += layer.macs_dense
+    return ", ".join(f"{k} {s}/{n} sparse ({m / 1e9:.2f} G)" for k, (s, n, m) in
+                     sorted(kinds.items(), key=lambda kv: -kv[1][2]))
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -261,6 +276,7 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
                    f"({100 * manifest.macs.sparse_convs_dense / max(manifest.macs.dense, 1):.0f}%), always dense "
                    f"{dense_left / 1e9:.2f} G; {len(manifest.caches)} caches, "
                    f"{manifest.cache_bytes() / 2**20:.1f} MB per primed state")
+        click.echo("  by kind: " + _layer_kinds(manifest.layers))
         for layer in manifest.layers:
             flag = "sparse" if layer.sparse else "dense "
             chans = f"{layer.channels[0]:>4}->{layer.channels[1]:<4}" if any(layer.channels) else " " * 10

@@ -218,8 +218,22 @@ def global_resolutions(model: ir.Model) -> set[tuple[int, int]]:
         if op in _GLOBAL_OPS:
             for v in node.inputs:
                 if v is not None:
-                    out |= _spatial_producers(v)
+                    out |= {hw for hw in _spatial_producers(v) if not _pixel_row_softmax(node, hw)}
     return out
+
+
+def _pixel_row_softmax(node: ir.Node, hw: tuple[int, int]) -> bool:
+    """A Softmax with one row per pixel of ``hw`` (attention over pixels or text tokens, queries from
+    the feature map): the token rules (``ssic/passes/sparsify/attention.py``) compute it for the active
+    rows only, so it does not keep its level dense. Channel attention (a softmax over channels) does."""
+    if node.op_type != "Softmax" or node.domain not in ("", "ai.onnx"):
+        return False
+    shape = static_shape(node.inputs[0])
+    if shape is None or not shape:
+        return False
+    axis = node.attributes.get_int("axis", -1)
+    axis = axis + len(shape) if axis < 0 else axis
+    return any(d == hw[0] * hw[1] for i, d in enumerate(shape) if i != axis)
 
 
 def default_min_res(model: ir.Model, conv_res: set[tuple[int, int]]) -> int:

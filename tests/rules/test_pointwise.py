@@ -66,11 +66,11 @@ def test_unsupported_pointwise_op_runs_dense_with_reason():
     """An op without a tile rule materialises its input once and is reported."""
     rng = np.random.default_rng(2)
     nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
-             helper.make_node("Softmax", ["a"], ["s"], axis=1),
+             helper.make_node("Hardmax", ["a"], ["s"], axis=1),
              helper.make_node("Conv", ["s", "b_w", "b_b"], ["y"], pads=[1, 1, 1, 1])]
     m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 4, H, W]}, conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 4, 8, 3))
     sparse, result = rewrite(m, min_res=16)
-    assert [(d.op_type, d.reason) for d in result.dense_ops] == [("Softmax", "Softmax has no tile rule (runs dense)")]
+    assert [(d.op_type, d.reason) for d in result.dense_ops] == [("Hardmax", "Hardmax has no tile rule (runs dense)")]
     assert op_counts(sparse)["TileScatter"] == 2
 
 

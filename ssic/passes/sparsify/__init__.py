@@ -3,7 +3,9 @@
 See ``docs/architecture.md``. :class:`SparsifyPass` walks the graph in topological order; for each
 node it tries the op rules registered for its op type (:mod:`ssic.passes.sparsify.rule`, one module
 per op family: :mod:`~ssic.passes.sparsify.conv`, :mod:`~ssic.passes.sparsify.normalization`,
-:mod:`~ssic.passes.sparsify.pointwise`, :mod:`~ssic.passes.sparsify.resampling`). The first rule whose
+:mod:`~ssic.passes.sparsify.pointwise`, :mod:`~ssic.passes.sparsify.resampling`, token views and row-wise
+ops in :mod:`~ssic.passes.sparsify.tokens`, MatMul and attention in :mod:`~ssic.passes.sparsify.attention`).
+The first rule whose
 ``check`` passes rewrites the node, giving its outputs a tile representation
 (:mod:`ssic.passes.sparsify.values`); a node no rule takes stays dense and reads materialised inputs
 (``ssic::TileScatter`` from the cache). Every cache the sparse graph reads becomes a graph input;
@@ -16,6 +18,9 @@ import onnx_ir as ir
 
 from ssic.passes.analysis import SparsePlan
 from ssic.passes.sparsify import conv, normalization, pointwise, resampling  # noqa: F401  (register the rules)
+
+# isort: split
+from ssic.passes.sparsify import attention, tokens  # noqa: F401  (registered last: tried after the others)
 from ssic.passes.sparsify.context import (
     CacheSpec,
     DenseOp,

@@ -131,6 +131,8 @@ class SparsifyContext:
         self.result = SparsifyResult()
         #: cache name -> the sparse-graph value a commit folds into it (see :meth:`note_commit`)
         self.commit_values: dict[str, ir.Value] = {}
+        #: values a rule module builds once per sparse graph (e.g. a grid's raster row index), by key
+        self.memo: dict[tuple, ir.Value] = {}
 
     @property
     def opset(self) -> int:
@@ -401,7 +403,9 @@ class SparsifyContext:
             full.shape = value.shape
             full.type = value.type
         else:
-            full = self._recompute(value)
+            full = rep.materialize(self, value)
+            if full is None:
+                full = self._recompute(value)
         self.materialized[value] = full
         return full
 

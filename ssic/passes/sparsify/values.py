@@ -54,6 +54,11 @@ class Rep:
         """This value followed by the per-channel map ``fn`` (requires ``channel_map_refusal() is None``)."""
         raise NotImplementedError
 
+    def materialize(self, ctx: SparsifyContext, value: ir.Value) -> ir.Value | None:
+        """A full tensor of ``value`` built by this representation itself (e.g. its rows scattered into
+        its cache), or None: the sparse graph then re-emits ``value``'s producer on materialised inputs."""
+        return None
+
 
 @dataclass(frozen=True, eq=False)
 class DenseValue(Rep):
