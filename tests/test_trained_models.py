@@ -271,6 +271,24 @@ def test_cli_export_errors():
     assert e.value.code == 2
 
 
+def _image_pair_artefact(tmp_path, size: int, box):
+    """Real-ESRGAN animevideov3 at ``size`` compiled in exact mode to ``m.ssic``, and a random PNG pair
+    ``a.png``/``b.png`` that differs (inverted) inside ``box``; returns (onnx path, a, b) as uint8."""
+    from PIL import Image
+
+    import ssic
+    from ssic.models import export_trained
+
+    path = _fetched(export_trained, "realesrgan", "animevideov3", f"{size}x{size}", tmp_path / "m.onnx")
+    ssic.compile(path, output_dir=tmp_path / "m.ssic", exact=True)
+    a = (np.random.default_rng(0).random((size, size, 3)) * 255).astype(np.uint8)
+    b = a.copy()
+    b[box] = 255 - b[box]
+    Image.fromarray(a).save(tmp_path / "a.png")
+    Image.fromarray(b).save(tmp_path / "b.png")
+    return path, a, b
+
+
 def test_cli_edit_png_in_png_out_at_the_output_size(tmp_path):
     """`ssic edit` on an image model: PNG in [0, 1], PNG out at the x4 output size, equal (exact mode)
     to the dense model's output within one 8-bit level; --resize maps the output to 4x the input size."""
@@ -278,19 +296,10 @@ def test_cli_edit_png_in_png_out_at_the_output_size(tmp_path):
     from click.testing import CliRunner
     from PIL import Image
 
-    import ssic
     from ssic.cli import cli
-    from ssic.models import export_trained
 
     size = 16
-    path = _fetched(export_trained, "realesrgan", "animevideov3", f"{size}x{size}", tmp_path / "m.onnx")
-    ssic.compile(path, output_dir=tmp_path / "m.ssic", exact=True)
-    rng = np.random.default_rng(0)
-    a = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-    b = a.copy()
-    b[4:9, 5:11] = 255 - b[4:9, 5:11]
-    Image.fromarray(a).save(tmp_path / "a.png")
-    Image.fromarray(b).save(tmp_path / "b.png")
+    path, a, b = _image_pair_artefact(tmp_path, size, (slice(4, 9), slice(5, 11)))
     run = CliRunner().invoke(cli, ["edit", str(tmp_path / "m.ssic"), "--original", str(tmp_path / "a.png"),
                                    "--edited", str(tmp_path / "b.png"), "-o", str(tmp_path / "out.png")])
     assert run.exit_code == 0, run.output
@@ -316,21 +325,11 @@ def test_cli_bench_on_images(tmp_path):
     import json
 
     from click.testing import CliRunner
-    from PIL import Image
 
-    import ssic
     from ssic.cli import cli
-    from ssic.models import export_trained
 
     size = 16
-    path = _fetched(export_trained, "realesrgan", "animevideov3", f"{size}x{size}", tmp_path / "m.onnx")
-    ssic.compile(path, output_dir=tmp_path / "m.ssic", exact=True)
-    rng = np.random.default_rng(0)
-    a = (rng.random((size, size, 3)) * 255).astype(np.uint8)
-    b = a.copy()
-    b[2:6, 3:7] = 255 - b[2:6, 3:7]
-    Image.fromarray(a).save(tmp_path / "a.png")
-    Image.fromarray(b).save(tmp_path / "b.png")
+    _image_pair_artefact(tmp_path, size, (slice(2, 6), slice(3, 7)))
     base = ["bench", str(tmp_path / "m.ssic"), "--original", str(tmp_path / "a.png"), "--edited",
             str(tmp_path / "b.png"), "--runs", "1", "--warmup", "0", "--json"]
     run = CliRunner().invoke(cli, base)
