@@ -115,10 +115,18 @@ def run_one(spec: str, out: Path, runs: int, threads: int, log) -> list[dict]:
         m, b = box_pair(a, area, seed=20 + k)
         edits.append((f"square {100 * area:g}%", m, b))
     original = model_input(name, a, noise)
+    # the package's engine in a process of its own, before the caches exist: its memory is not ours
+    np.save(out / "pkg_input.npy", original[next(iter(original))])
+    code = ("import sys, json, numpy as np; sys.path.insert(0, sys.argv[1]); import trained_grid as g; "
+            "x = np.load(sys.argv[2]); print(json.dumps(g.package_engine(sys.argv[3], {sys.argv[4]: x}, "
+            "int(sys.argv[5]))))")
+    proc = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent), str(out / "pkg_input.npy"), name,
+                           next(iter(original)), str(threads)], stdout=subprocess.PIPE, text=True)
+    pkg_s, pkg_what = (json.loads(proc.stdout.strip().splitlines()[-1]) if proc.returncode == 0 and proc.stdout.strip()
+                       else (None, f"not run: exit {proc.returncode}"))
     t0 = time.perf_counter()
     sess.prime(original)
     prime_s = time.perf_counter() - t0
-    pkg_s, pkg_what = package_engine(name, original, threads)
     log(f"{spec}: compiled/loaded in {compile_s:.0f} s, primed in {prime_s:.1f} s, package engine {pkg_s}")
     rows, dense_times = [], []
     out_name = sess.output_names[0]
@@ -181,7 +189,8 @@ def plot(rows: list[dict], path: Path) -> None:
     for j, (name, size) in enumerate(specs):
         sel = sorted((r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("brush")),
                      key=lambda r: r["edited_fraction"])
-        real = [r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("church")]
+        real = [r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("church")
+                and r["edited_fraction"] is not None]
         square = [r for r in rows if (r["model"], r["size"]) == (name, size) and r["edit"].startswith("square")]
         x = [100 * r["edited_fraction"] for r in sel]
         ax = axes[0][j]
@@ -221,7 +230,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def section(results: dict) -> str:
     rows = results["rows"]
     lines = [BEGIN, "## Trained models: the grid (Real-ESRGAN x4plus, OIDN rt_ldr)", "",
-             f"`{results['command']}` on {results['machine']}, {results['date']}; 2 intra-op threads for ONNX "
+             f"`make bench-trained` (the last run: `{results['command']}`) on {results['machine']}, "
+             f"{results['date']}; 2 intra-op threads for ONNX "
              "Runtime and ssic; the package engines as noted. Dense = ONNX Runtime on the exported model "
              "(median over the size's edits); sparse = ssic default compile (Real-ESRGAN: bounded exact "
              "mode, budget 32; OIDN: default mode), median of "
@@ -234,13 +244,22 @@ def section(results: dict) -> str:
     for r in rows:
         pkg = f"{r['package_s']:.2f}" if r.get("package_s") else "-"
         loaded = " *loaded*" if r.get("load_avg", 0) > 2.5 else ""
+        def pct(v):
+            return "-" if v is None else f"{100 * v:.1f}%"
+
+        note = " (from the log; see below)" if r.get("note") else ""
         lines.append(
-            f"| {r['model']} {r['variant']}, {r['size']}x{r['size']} | {r['edit']}{loaded} | "
-            f"{100 * r['edited_fraction']:.1f}% | {100 * r['active_fraction']:.1f}% | {r['dense_s']:.2f} | "
+            f"| {r['model']} {r['variant']}, {r['size']}x{r['size']} | {r['edit']}{loaded}{note} | "
+            f"{pct(r['edited_fraction'])} | {pct(r['active_fraction'])} | {r['dense_s']:.2f} | "
             f"{r['sparse_s']:.2f} | **{r['speedup']:.2f}x** | {r['mac_ratio']:.2f}x | {r['efficiency']:.2f} | "
-            f"{r['psnr']:.1f} dB | {pkg} | {r['cache_mb']:.0f} | {r['peak_rss_mb']} |")
+            f"{r['psnr']:.1f} dB | {pkg} | {r['cache_mb']:.0f} | {r['peak_rss_mb'] or '-'} |")
     engines = sorted({f"{r['model']}: {r['package']}" for r in rows})
-    lines += ["", "Package engines: " + "; ".join(engines) + ".", END]
+    lines += ["", "Package engines: " + "; ".join(engines) + "."]
+    notes = sorted({r["note"] for r in rows if r.get("note")})
+    if notes:
+        lines += ["", "Rows marked *from the log*: " + "; ".join(notes) + ". Their edited/active fractions and "
+                  "peak memory were not recorded."]
+    lines.append(END)
     return "\n".join(lines)
 
 
@@ -253,6 +272,19 @@ def write_report(results: dict, report: Path) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     report.write_text(text)
+
+
+def _command() -> str:
+    """This run's command line without ``--out DIR`` (a path of this machine)."""
+    args, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+        elif a == "--out":
+            skip = True
+        elif not a.startswith("--out="):
+            args.append(a)
+    return " ".join(["python bench/trained_grid.py", *args])
 
 
 def main() -> None:
@@ -293,7 +325,7 @@ def main() -> None:
             rows = [r for r in json.loads(saved.read_text())["rows"] if (r["model"], r["size"]) not in done] + rows
         rows.sort(key=lambda r: (r["model"] != "realesrgan", r["size"]))
         results = {"machine": machine(), "runs": args.runs, "rows": rows, "date": time.strftime("%Y-%m-%d"),
-                   "command": "python bench/trained_grid.py " + " ".join(sys.argv[1:]),
+                   "command": _command(),
                    "minutes": round((time.time() - t0) / 60, 1)}
         RESULTS.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(results, indent=1))
