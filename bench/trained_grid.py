@@ -129,6 +129,7 @@ def run_one(spec: str, out: Path, runs: int, threads: int, log) -> list[dict]:
     prime_s = time.perf_counter() - t0
     log(f"{spec}: compiled/loaded in {compile_s:.0f} s, primed in {prime_s:.1f} s, package engine {pkg_s}")
     rows, dense_times = [], []
+    (out / f"{name}_{size}.rows.jsonl").unlink(missing_ok=True)
     out_name = sess.output_names[0]
     for label, mask, b in edits:
         edited = model_input(name, b, noise)
@@ -154,6 +155,8 @@ def run_one(spec: str, out: Path, runs: int, threads: int, log) -> list[dict]:
                "prime_s": prime_s, "package_s": pkg_s, "package": pkg_what, "runs": runs, "threads": threads,
                "load_avg": os.getloadavg()[0]}
         rows.append(row)
+        with open(out / f"{name}_{size}.rows.jsonl", "a") as f:  # kept if the process dies (memory at 512)
+            f.write(json.dumps({**row, "dense_s": dense_times[-1], "partial": True}) + "\n")
         log(f"  {label}: sparse {row['sparse_s']:.2f} s, dense {dense_times[-1]:.2f} s, PSNR {row['psnr']:.1f} dB, "
             f"MAC ratio {row['mac_ratio']:.1f}x, load {row['load_avg']:.1f}")
     dense_s = statistics.median(dense_times)
