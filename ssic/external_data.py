@@ -27,6 +27,7 @@ from pathlib import Path
 import onnx
 
 from ssic.errors import SSICError
+from ssic.passes.normalize import all_tensors
 
 __all__ = ["load_lazily", "external_locations", "share_external_data", "WEIGHTS_NAME"]
 
@@ -45,28 +46,12 @@ def load_lazily(path: str | os.PathLike, absolute: bool = True) -> onnx.ModelPro
     model = load_model_for_analysis(path)
     if absolute:
         base = Path(path).resolve().parent
-        for t in _tensors(model):
+        for t in all_tensors(model):
             if _location(t) is not None:
                 for entry in t.external_data:
                     if entry.key == "location":
                         entry.value = str(base / entry.value)
     return model
-
-
-def _tensors(model: onnx.ModelProto):
-    def walk(graph: onnx.GraphProto):
-        yield from graph.initializer
-        for node in graph.node:
-            for attr in node.attribute:
-                if attr.HasField("t"):
-                    yield attr.t
-                yield from attr.tensors
-                if attr.HasField("g"):
-                    yield from walk(attr.g)
-                for g in attr.graphs:
-                    yield from walk(g)
-
-    yield from walk(model.graph)
 
 
 def _location(tensor: onnx.TensorProto) -> str | None:
@@ -81,7 +66,7 @@ def _location(tensor: onnx.TensorProto) -> str | None:
 def external_locations(model: onnx.ModelProto) -> list[str]:
     """The distinct external-data file names ``model`` references (relative to its directory)."""
     seen: dict[str, None] = {}
-    for t in _tensors(model):
+    for t in all_tensors(model):
         loc = _location(t)
         if loc is not None:
             seen.setdefault(loc, None)
@@ -114,7 +99,7 @@ def share_external_data(model: onnx.ModelProto, source_dir: str | os.PathLike,
         names[loc] = name
     if not names:
         return model
-    for t in _tensors(model):
+    for t in all_tensors(model):
         loc = _location(t)
         if loc is not None:
             for entry in t.external_data:

@@ -121,7 +121,7 @@ def load_model(path: str | os.PathLike, *, input_shapes: dict[str, list[int]] | 
 
 
 # ---------------------------------------------------------------------------------------- checks
-def _all_tensors(proto: onnx.ModelProto):
+def all_tensors(proto: onnx.ModelProto):
     """Every TensorProto of the model: initializers and tensor attributes, subgraphs included."""
 
     def graph_tensors(g: onnx.GraphProto):
@@ -143,7 +143,7 @@ def _all_tensors(proto: onnx.ModelProto):
 
 def _check_external_files(proto: onnx.ModelProto, path: Path) -> None:
     base = path.parent.resolve()
-    for t in _all_tensors(proto):
+    for t in all_tensors(proto):
         if not external_data_helper.uses_external_data(t):
             continue
         location = external_data_helper.ExternalDataInfo(t).location
@@ -186,7 +186,7 @@ def _check(proto: onnx.ModelProto, path: Path) -> None:
     # Check everything else: the accepted deprecated nodes become Identity in a data-less copy.
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)
-    for t in _all_tensors(copy):
+    for t in all_tensors(copy):
         if external_data_helper.uses_external_data(t):  # files checked above; no data needed here
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
@@ -442,7 +442,7 @@ _PROTO_LIMIT = 1_800_000_000
 
 
 def _tensor_bytes(proto: onnx.ModelProto) -> int:
-    return sum(len(t.raw_data) for t in _all_tensors(proto))
+    return sum(len(t.raw_data) for t in all_tensors(proto))
 
 
 def _infer(proto: onnx.ModelProto) -> onnx.ModelProto:
