@@ -208,7 +208,6 @@ def _edit_images(session, a, b, *, mask, extra, log, resize, value_range) -> dic
     src = session.manifest.mask.primary
     lo, hi = value_range
     xa, xb, m, place = image_pair_inputs(session, a, b, mask=mask, resize=resize, value_range=value_range)
-    fb = image_to_model(b)[0].transpose(1, 2, 0) * 0.5 + 0.5
     hw = (src.height, src.width)
     name = src.input
     start = time.perf_counter()
@@ -228,6 +227,7 @@ def _edit_images(session, a, b, *, mask, extra, log, resize, value_range) -> dic
         sy, sx = y.shape[2] / hw[0], y.shape[3] / hw[1]
         big = (round(place.src[0] * sy), round(place.src[1] * sx))
         out_place = Placement.plan(big, (y.shape[2], y.shape[3]), resize)
+        fb = image_to_model(b)[0].transpose(1, 2, 0) * 0.5 + 0.5  # the edited image, [0, 1]: crop's surround
         base = Placement.plan(fb.shape[:2], big, "fit").to_model(fb) * (hi - lo) + lo
         y = out_place.from_model(y[0].transpose(1, 2, 0), base).transpose(2, 0, 1)[None]
     if log:

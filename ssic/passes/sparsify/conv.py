@@ -139,13 +139,31 @@ def _bias(ctx: SparsifyContext, node: ir.Node, y: ir.Value) -> ir.Value:
     return ctx.add("Add", [y, ctx.const(b.astype(np.float32), "conv_b")], name_hint="conv_bias")
 
 
+def weight_matrix(w: np.ndarray) -> np.ndarray:
+    """A conv weight ``[Cout, Cin, k, k]`` as the float32 ``[k*k*Cin, Cout]`` matrix that multiplies
+    im2col rows (row order ``(ky, kx, c)``, as ``ssic::TileGather`` writes its columns)."""
+    cout, cin, k, _ = w.shape
+    return np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout), np.float32)
+
+
+def gather_cols(ctx: SparsifyContext, rep, grid, geo: ConvGeometry, pads: tuple[int, int], upsample: int,
+                pad_mode: int, channels: int, hint: str) -> ir.Value:
+    """im2col rows ``[n*t*t, k*k*C]`` of gather source ``rep`` for a conv of geometry ``geo`` on ``grid``
+    (a dilated conv gathers its full extent and keeps the k*k columns it reads)."""
+    cols = ctx.gather(rep, grid, kernel=geo.extent, stride=geo.s, pads=pads, upsample=upsample, channels=channels,
+                      hint=hint, pad_mode=pad_mode)
+    if geo.d > 1:
+        keep = [ky * geo.d * geo.extent + kx * geo.d for ky in range(geo.k) for kx in range(geo.k)]
+        cols = select_columns(ctx, cols, geo.extent, keep, channels, "dilation")
+    return cols
+
+
 def grouped_matmul(ctx: SparsifyContext, cols: ir.Value, w: np.ndarray, group: int) -> ir.Value:
     """``cols`` ``[M, k*k*Cin]`` (columns ``(ky, kx, c)``) times the conv weight ``w`` ``[Cout, Cin/g, k, k]``."""
     cout, cin_g, k, _ = w.shape
     cin, cout_g = cin_g * group, cout // group
     if group == 1:
-        wmat = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout).astype(np.float32))
-        return ctx.add("MatMul", [cols, ctx.const(wmat, "conv_w")], name_hint="conv")
+        return ctx.add("MatMul", [cols, ctx.const(weight_matrix(w), "conv_w")], name_hint="conv")
     if cin_g == 1 and cout_g == 1:
         # depthwise: a per-channel weighted sum over the k*k columns
         wk = np.ascontiguousarray(w[:, 0].reshape(cout, k * k).T.astype(np.float32))  # [k*k, C]
@@ -235,11 +253,7 @@ class ConvRule(Rule):
                 and rep.grid == grid and rep.dense_source is None:
             cols = ctx.evaluate(rep)
         else:
-            cols = ctx.gather(rep, grid, kernel=K, stride=s, pads=(pad_top, pad_left), upsample=upsample,
-                              channels=cin, hint="gather", pad_mode=pad_mode)
-            if geo.d > 1:
-                keep = [ky * geo.d * K + kx * geo.d for ky in range(k) for kx in range(k)]
-                cols = select_columns(ctx, cols, K, keep, cin, "dilation")
+            cols = gather_cols(ctx, rep, grid, geo, (pad_top, pad_left), upsample, pad_mode, cin, "gather")
         y = _bias(ctx, node, grouped_matmul(ctx, cols, w, group))
         self._record(ctx, node, grid, TileValue(grid, y, out, cout), cin_g, k,
                      f"upsample x{upsample} folded" if upsample > 1 else "")
@@ -265,19 +279,12 @@ def _conv_of_parts(ctx: SparsifyContext, parts, grid, w: np.ndarray, geo: ConvGe
     slice of the weight: each part is gathered from its own cache (or folded upsample), so the concat
     is never cached. Same MACs as one MatMul; the partial products accumulate with ``Gemm``'s C input.
     Returns ``[n*t*t, Cout]`` (no bias)."""
-    k, K = geo.k, geo.extent
     acc, c0 = None, 0
     for part in parts:
         rep, upsample, pads, pad_mode = _conv_source(ctx, part.value, geo.pads[:2], rep=part.rep)
-        cols = ctx.gather(rep, grid, kernel=K, stride=geo.s, pads=pads, upsample=upsample, channels=part.channels,
-                          hint="gather_part", pad_mode=pad_mode)
-        if geo.d > 1:
-            keep = [ky * geo.d * K + kx * geo.d for ky in range(k) for kx in range(k)]
-            cols = select_columns(ctx, cols, K, keep, part.channels, "dilation")
-        wp = w[:, c0:c0 + part.channels]
+        cols = gather_cols(ctx, rep, grid, geo, pads, upsample, pad_mode, part.channels, "gather_part")
+        wmat = ctx.const(weight_matrix(w[:, c0:c0 + part.channels]), "conv_w")
         c0 += part.channels
-        wmat = ctx.const(np.ascontiguousarray(wp.transpose(2, 3, 1, 0).reshape(k * k * part.channels, -1),
-                                              np.float32), "conv_w")
         acc = (ctx.add("MatMul", [cols, wmat], name_hint="conv_part") if acc is None else
                ctx.add("Gemm", [cols, wmat, acc], name_hint="conv_part"))
     return acc
@@ -293,7 +300,7 @@ def _shuffled_conv(ctx: SparsifyContext, lazy: LazyShuffle, grid, w: np.ndarray,
     cols = ctx.gather(src, grid, kernel=k, stride=s, pads=geo.pads[:2], upsample=r, channels=cs,
                       hint="gather_shuffle")
     per_tile = ctx.add("Reshape", [cols, ctx.i64([-1, t * t, k * k * cs], "shape")])
-    wmat = ctx.const(np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(k * k * cin, cout), np.float32), "conv_w")
+    wmat = ctx.const(weight_matrix(w), "conv_w")
     phases: dict[tuple[int, int], list[int]] = {}
     for py in range(t):
         for px in range(t):
