@@ -160,6 +160,21 @@ def _ensure_standard(state: CompileState) -> None:
         raise _fail("lower-standard", f"ssic-domain nodes remain in the standard lowering: {left}")
 
 
+def _run_fuse_tile_conv(state: CompileState, log) -> bool:
+    from ssic.passes.fuse_tile_conv import FuseTileConvPass
+
+    return FuseTileConvPass()(state.sparse).modified
+
+
+def _ensure_fused(state: CompileState) -> None:
+    for n in state.sparse.graph.all_nodes():
+        if n.domain == "ssic" and n.op_type == "TileConv":
+            w = n.inputs[4].const_value if len(n.inputs) > 4 and n.inputs[4] is not None else None
+            cout = n.attributes.get_int("cout", 0)
+            if w is None or len(w.shape) != 3 or w.shape[0] != -(-cout // 16) or w.shape[2] != 16:
+                raise _fail("fuse-tile-conv", f"TileConv {n.name!r} has no packed [ceil(cout/16), K, 16] weight")
+
+
 def _run_build_prime(state: CompileState, log) -> bool:
     from ssic.passes.build_prime import BuildPrimePass
 
@@ -210,6 +225,8 @@ PHASES: list[Phase] = [
     Phase("sparsify", _run_sparsify, _ensure_sparsify),
     Phase("lower-standard", _run_lower_standard, _ensure_standard,
           applies=lambda o: o.lowering == "standard"),
+    Phase("fuse-tile-conv", _run_fuse_tile_conv, _ensure_fused, required=False,
+          applies=lambda o: o.lowering == "fused" and o.target == "ort"),
     Phase("build-prime", _run_build_prime, _ensure_prime),
     Phase("build-mask", _run_build_mask, _ensure_mask),
 ]

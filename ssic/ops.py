@@ -181,7 +181,27 @@ TILE_SCATTER = OpSpec(
     "tile's in-image pixels replaced by act(tiles + residual).",
 )
 
-OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER}
+#: Columns per panel of TileConv's packed weight (``plugins/ort/gemm.h``).
+PANEL = 16
+
+TILE_CONV = OpSpec(
+    name="TileConv",
+    inputs=(
+        *TILE_GATHER.inputs[:4],
+        InputSpec("weight", "T", doc="[ceil(cout/16), k*k*C, 16] the conv's [k*k*C, cout] matrix in panels of 16 "
+                  "columns (zero-padded; see pack_weight)"),
+        *TILE_GATHER.inputs[4:],
+        InputSpec("bias", "T", optional=True, doc="[cout] added to every row"),
+        InputSpec("addend", "T", optional=True, doc="[n*t*t, cout] added (a partial sum of a concat's conv)"),
+    ),
+    outputs=(InputSpec("out", "T", doc="[n*t*t, cout] conv output rows"),),
+    attributes=(*TILE_GATHER.attributes, AttrSpec("cout", int, None, "output channels", min=1)),
+    doc="TileGather's im2col rows times the conv's weight matrix, plus bias and addend, computed block "
+    "by block without the [n*t*t, k*k*C] buffer (ONNX Runtime CPU only; the fused lowering's "
+    "fuse-tile-conv pass builds it from TileGather -> MatMul/Gemm [-> Add]). Output float32.",
+)
+
+OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER, TILE_CONV.name: TILE_CONV}
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,12 +297,20 @@ def _infer_tile_gather(ctx) -> None:
     ctx.set_output_type(0, _float_type(shape))
 
 
+def _infer_tile_conv(ctx) -> None:
+    dst = _dims(ctx.get_input_type(3))
+    tile, cout = _attr_int(ctx, "tile", None), _attr_int(ctx, "cout", None)
+    n = dst[0] if dst is not None and tile is not None else None
+    ctx.set_output_type(0, _float_type([None if n is None else n * tile * tile, cout]))
+
+
 def _infer_tile_scatter(ctx) -> None:
     cache = _dims(ctx.get_input_type(1))
     ctx.set_output_type(0, _float_type(cache))
 
 
-_INFER = {TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter}
+_INFER = {TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter,
+          TILE_CONV.name: _infer_tile_conv}
 
 _ATTR_TYPES = {int: defs.OpSchema.AttrType.INT, float: defs.OpSchema.AttrType.FLOAT}
 
@@ -420,6 +448,40 @@ def tile_gather_ref(tiles, cache, src_idx, dst_idx, scale=None, shift=None, *, s
     vals = np.where(valid[..., None], vals, np.float32(0))
     cols = vals.transpose(0, 1, 3, 2, 4, 5).reshape(n * t * t, k * k * c)
     return np.ascontiguousarray(cols, dtype=np.float32)
+
+
+def pack_weight(matrix: np.ndarray) -> np.ndarray:
+    """A conv's weight matrix ``[K, cout]`` (float32) as TileConv's ``weight``: panels of ``PANEL`` = 16
+    columns, ``[ceil(cout/16), K, 16]``, the last one zero-padded (the layout of BLIS-style packed B;
+    Goto & van de Geijn, ACM TOMS 2008)."""
+    k, cout = matrix.shape
+    panels = -(-cout // PANEL)
+    padded = np.zeros((k, panels * PANEL), np.float32)
+    padded[:, :cout] = matrix
+    return np.ascontiguousarray(padded.reshape(k, panels, PANEL).transpose(1, 0, 2))
+
+
+def unpack_weight(weight: np.ndarray, cout: int) -> np.ndarray:
+    """Inverse of :func:`pack_weight`: ``[ceil(cout/16), K, 16]`` -> ``[K, cout]``."""
+    panels, k, width = weight.shape
+    return np.ascontiguousarray(np.asarray(weight, np.float32).transpose(1, 0, 2).reshape(k, panels * width)[:, :cout])
+
+
+def tile_conv_ref(tiles, cache, src_idx, dst_idx, weight, scale=None, shift=None, bias=None, addend=None, *,
+                  cout: int, **gather_attrs) -> np.ndarray:
+    """Return the TileConv output ``[n*t*t, cout]`` (float32): ``tile_gather_ref(...) @ W + bias +
+    addend`` with ``W = unpack_weight(weight, cout)``. Raises ``ValueError`` like TileGather, and for
+    a weight whose rows differ from ``k*k*C``."""
+    cols = tile_gather_ref(tiles, cache, src_idx, dst_idx, scale, shift, **gather_attrs)
+    w = unpack_weight(weight, cout)
+    if w.shape[0] != cols.shape[1]:
+        raise ValueError(f"TileConv: weight has {w.shape[0]} rows, the gathered rows {cols.shape[1]} columns")
+    y = cols @ w
+    if bias is not None:
+        y = y + np.asarray(bias, np.float32).reshape(1, cout)
+    if addend is not None:
+        y = y + np.asarray(addend, np.float32).reshape(-1, cout)
+    return np.ascontiguousarray(y, dtype=np.float32)
 
 
 def tile_scatter_ref(tiles, cache, idx, residual=None, *, tile: int,

@@ -34,8 +34,12 @@ def _ort_attrs(op: str) -> dict[str, float | None]:
     text = ORT.read_text()
     start = text.index(f"struct {op}Kernel")
     end = text.index("\n};", start)
+    body = text[start:end]
+    if "read_gather_params(" in body:  # the gather attributes shared by TileGather and TileConv
+        shared = text.index("std::string read_gather_params(")
+        body += text[shared:text.index("\n}\n", shared)]
     out: dict[str, float | None] = {}
-    for _kind, name, default in re.findall(r'get_(int|float)\("(\w+)",\s*([^)]+)\)', text[start:end]):
+    for _kind, name, default in re.findall(r'get_(int|float)\("(\w+)",\s*([^)]+)\)', body):
         out[name] = None if "nullopt" in default else float(default.rstrip("f"))
     return out
 
@@ -53,7 +57,7 @@ def _enum(path: Path) -> dict[str, int]:
     return {k.strip(): int(v) for k, v in re.findall(r"(\w+)\s*=\s*(\d+)", m.group(1))}
 
 
-@pytest.mark.parametrize("op", ["TileGather", "TileScatter"])
+@pytest.mark.parametrize("op", ["TileGather", "TileScatter", "TileConv"])
 def test_ort_kernel_reads_every_attribute_with_the_table_default(op):
     spec, cpp = _spec(op), _ort_attrs(op)
     assert set(cpp) == set(spec), f"{op}: C++ reads {sorted(cpp)}, ops.py declares {sorted(spec)}"
@@ -83,7 +87,7 @@ def test_activation_codes_agree_everywhere():
         enum = _enum(path)
         assert {names[k]: v for k, v in enum.items()} == table, f"{path.name} activation codes differ from ops.py"
     # every op that takes an activation accepts exactly the table's codes, and the kernels check that range
-    for op in ("TileGather", "TileScatter"):
+    for op in ("TileGather", "TileScatter", "TileConv"):
         assert set(_spec(op)["activation"].choices) == set(table.values())
     top = max(table.values())
     assert f"activation must be 0..{top}" in ORT.read_text()

@@ -22,12 +22,14 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 
 
 @functools.cache
-def _session(op: str, inputs: tuple[str, ...], attrs: tuple, threads: int = 2) -> ort.InferenceSession:
+def _session(op: str, inputs: tuple[str, ...], attrs: tuple, threads: int = 2,
+             cache_type: int = TensorProto.FLOAT) -> ort.InferenceSession:
     """A single-node model of ``op`` (inputs named as given, "" = omitted), cached per signature."""
     node = ops.make_node(op, list(inputs), ["out"], **dict(attrs))
     int_inputs = {"src_idx", "dst_idx", "idx"}
-    vis = [helper.make_tensor_value_info(n, TensorProto.INT64 if n in int_inputs else TensorProto.FLOAT, None)
-           for n in inputs if n]
+    vis = [helper.make_tensor_value_info(
+        n, TensorProto.INT64 if n in int_inputs else cache_type if n == "cache" else TensorProto.FLOAT, None)
+        for n in inputs if n]
     graph = helper.make_graph([node], op, vis, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
     model = helper.make_model(graph, opset_imports=ops.opset_imports(), ir_version=10)
     so = ort.SessionOptions()
@@ -41,7 +43,9 @@ def run_op(op: str, feeds: dict[str, np.ndarray | None], threads: int = 2, **att
     given_names = [n if feeds.get(n) is not None else "" for n in names]
     while given_names and given_names[-1] == "":
         given_names.pop()
-    sess = _session(op, tuple(given_names), tuple(sorted(attrs.items())), threads)
+    cache = feeds.get("cache")
+    cache_type = TensorProto.FLOAT16 if cache is not None and cache.dtype == np.float16 else TensorProto.FLOAT
+    sess = _session(op, tuple(given_names), tuple(sorted(attrs.items())), threads, cache_type)
     return sess.run(None, {n: feeds[n] for n in given_names if n})[0]
 
 

@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -12,6 +13,7 @@
 #endif
 
 #include "../common/tile_geometry.h"
+#include "gemm.h"
 
 namespace ssic {
 
@@ -186,10 +188,34 @@ std::string build_cell_map(const TileGrid& grid, const int64_t* idx, int64_t cou
   return {};
 }
 
+// Everything a row producer needs, prepared once per call (kernels.h's arguments plus the cell map).
+struct GatherPlan {
+  GatherParams p;
+  GatherArgs a;
+  TileGrid grid;
+  std::vector<int32_t> cells;
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  std::vector<float> ones, zeros;
+};
+
+// Writes the im2col rows of work items [begin, end) at out, rows ld floats apart (ld >= k*k*C). One
+// work item is one row py of one output tile i: t rows of k*k*C floats.
+using RowProducer = void (*)(const GatherPlan& plan, int64_t begin, int64_t end, float* out, int64_t ld);
+
 template <int64_t Act, bool Affine, typename CacheT>
-void gather_impl(const GatherParams& p, const GatherArgs& a, const CacheT* cache,
-                 const std::vector<int32_t>& cells, const TileGrid& grid, const float* scale,
-                 const float* shift, const ParallelFor& pfor) {
+void gather_rows(const GatherPlan& plan, int64_t begin, int64_t end, float* out, int64_t ld) {
+  const GatherParams& p = plan.p;
+  const GatherArgs& a = plan.a;
+  const TileGrid& grid = plan.grid;
+  const float* scale = plan.scale;
+  const float* shift = plan.shift;
+  const CacheT* cache = nullptr;
+  if constexpr (std::is_same_v<CacheT, uint16_t>) {
+    cache = a.cache_f16;
+  } else {
+    cache = a.cache;
+  }
   const int64_t t = p.tile, k = p.kernel, C = a.channels;
   const int64_t row_len = k * k * C;
   const bool nhwc = p.src_layout == 0;
@@ -197,41 +223,81 @@ void gather_impl(const GatherParams& p, const GatherArgs& a, const CacheT* cache
   const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs, p.pad_mode};
   const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws, p.pad_mode};
   const ActArgs act = act_args(p.alpha);
-  // One work item = one row py of one output tile i: t*k*k*C floats written contiguously.
-  pfor(a.n * t, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> sy(static_cast<size_t>(k)), sx(static_cast<size_t>(t * k));
-    std::vector<float> buf(static_cast<size_t>(C));  // one converted float16 pixel
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t i = item / t, py = item % t;
-      const int64_t dy = a.dst_idx[2 * i], dx = a.dst_idx[2 * i + 1];
-      for (int64_t ky = 0; ky < k; ++ky) sy[ky] = gather_source(gy, dy, py, ky);
-      for (int64_t px = 0; px < t; ++px)
-        for (int64_t kx = 0; kx < k; ++kx) sx[px * k + kx] = gather_source(gx, dx, px, kx);
-      float* out = a.cols + item * t * row_len;
-      for (int64_t px = 0; px < t; ++px) {
-        for (int64_t ky = 0; ky < k; ++ky) {
-          const int64_t y = sy[ky];
-          float* dst = out + px * row_len + ky * k * C;
-          for (int64_t kx = 0; kx < k; ++kx, dst += C) {
-            const int64_t x = sx[px * k + kx];
-            if (y < 0 || x < 0) {
-              std::memset(dst, 0, sizeof(float) * C);
-              continue;
-            }
-            const int32_t j = cells[static_cast<size_t>(pixel_cell(grid, y, x))];
-            if (j >= 0) {
-              const float* src = a.tiles + tile_row(grid, j, y, x) * C;
-              transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
-            } else if (nhwc) {
-              read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, scale, shift, act, dst, C, buf.data());
-            } else {
-              read_cached<Act, Affine>(cache + y * a.ws + x, plane, scale, shift, act, dst, C, buf.data());
-            }
+  std::vector<int64_t> sy(static_cast<size_t>(k)), sx(static_cast<size_t>(t * k));
+  std::vector<float> buf(static_cast<size_t>(C));  // one converted float16 pixel
+  for (int64_t item = begin; item < end; ++item) {
+    const int64_t i = item / t, py = item % t;
+    const int64_t dy = a.dst_idx[2 * i], dx = a.dst_idx[2 * i + 1];
+    for (int64_t ky = 0; ky < k; ++ky) sy[ky] = gather_source(gy, dy, py, ky);
+    for (int64_t px = 0; px < t; ++px)
+      for (int64_t kx = 0; kx < k; ++kx) sx[px * k + kx] = gather_source(gx, dx, px, kx);
+    float* rows = out + (item - begin) * t * ld;
+    for (int64_t px = 0; px < t; ++px) {
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const int64_t y = sy[ky];
+        float* dst = rows + px * ld + ky * k * C;
+        for (int64_t kx = 0; kx < k; ++kx, dst += C) {
+          const int64_t x = sx[px * k + kx];
+          if (y < 0 || x < 0) {
+            std::memset(dst, 0, sizeof(float) * C);
+            continue;
+          }
+          const int32_t j = plan.cells[static_cast<size_t>(pixel_cell(grid, y, x))];
+          if (j >= 0) {
+            const float* src = a.tiles + tile_row(grid, j, y, x) * C;
+            transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
+          } else if (nhwc) {
+            read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, scale, shift, act, dst, C, buf.data());
+          } else {
+            read_cached<Act, Affine>(cache + y * a.ws + x, plane, scale, shift, act, dst, C, buf.data());
           }
         }
       }
     }
-  });
+  }
+}
+
+template <int64_t Act, bool Affine>
+RowProducer producer_for_cache(bool f16) {
+  return f16 ? gather_rows<Act, Affine, uint16_t> : gather_rows<Act, Affine, float>;
+}
+
+template <int64_t Act>
+RowProducer producer_for_affine(bool affine, bool f16) {
+  return affine ? producer_for_cache<Act, true>(f16) : producer_for_cache<Act, false>(f16);
+}
+
+// Validates the arguments, builds the cell map and picks the row producer (activation, affine and
+// cache type are template parameters: the channel loop has no branches).
+std::string plan_gather(const GatherParams& p, const GatherArgs& a, const char* op, GatherPlan& plan,
+                        RowProducer& produce) {
+  if ((a.cache == nullptr) == (a.cache_f16 == nullptr))
+    return std::string(op) + ": exactly one cache pointer must be set";
+  plan.p = p;
+  plan.a = a;
+  plan.grid = make_grid(a.hs, a.ws, p.src_tile);
+  std::string err = build_cell_map(plan.grid, a.src_idx, a.m, (std::string(op) + " src_idx").c_str(), plan.cells);
+  if (!err.empty()) return err;
+  plan.scale = a.scale;
+  plan.shift = a.shift;
+  const bool affine = a.scale || a.shift;
+  if (affine && !plan.scale) {
+    plan.ones.assign(static_cast<size_t>(a.channels), 1.0f);
+    plan.scale = plan.ones.data();
+  }
+  if (affine && !plan.shift) {
+    plan.zeros.assign(static_cast<size_t>(a.channels), 0.0f);
+    plan.shift = plan.zeros.data();
+  }
+  const bool f16 = a.cache_f16 != nullptr;
+  switch (p.activation) {
+    case kIdentity: produce = producer_for_affine<kIdentity>(affine, f16); break;
+    case kRelu: produce = producer_for_affine<kRelu>(affine, f16); break;
+    case kLeakyRelu: produce = producer_for_affine<kLeakyRelu>(affine, f16); break;
+    case kSwish: produce = producer_for_affine<kSwish>(affine, f16); break;
+    default: return std::string(op) + ": unknown activation " + std::to_string(p.activation);
+  }
+  return {};
 }
 
 template <int64_t Act>
@@ -271,47 +337,55 @@ void scatter_impl(const ScatterParams& p, const ScatterArgs& a, const std::vecto
 }  // namespace
 
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor) {
-  if ((a.cache == nullptr) == (a.cache_f16 == nullptr)) return "TileGather: exactly one cache pointer must be set";
-  const TileGrid grid = make_grid(a.hs, a.ws, p.src_tile);
-  std::vector<int32_t> cells;
-  std::string err = build_cell_map(grid, a.src_idx, a.m, "TileGather src_idx", cells);
-  if (!err.empty()) return err;
-  if (a.n == 0) return {};
+  GatherPlan plan;
+  RowProducer produce = nullptr;
+  std::string err = plan_gather(p, a, "TileGather", plan, produce);
+  if (!err.empty() || a.n == 0) return err;
+  const int64_t row_len = p.kernel * p.kernel * a.channels;
+  pfor(a.n * p.tile, [&](int64_t begin, int64_t end) {
+    produce(plan, begin, end, a.cols + begin * p.tile * row_len, row_len);
+  });
+  return {};
+}
 
-  std::vector<float> ones, zeros;
-  const float* scale = a.scale;
-  const float* shift = a.shift;
-  const bool affine = scale || shift;
-  if (affine && !scale) {
-    ones.assign(static_cast<size_t>(a.channels), 1.0f);
-    scale = ones.data();
-  }
-  if (affine && !shift) {
-    zeros.assign(static_cast<size_t>(a.channels), 0.0f);
-    shift = zeros.data();
-  }
-  // Activation and affine are template parameters: the channel loop has no branches.
-  // So is the cache type (float32 or float16).
-#define SSIC_GATHER_CACHE(ACT, AFFINE)                                                        \
-  if (a.cache_f16)                                                                            \
-    gather_impl<ACT, AFFINE>(p, a, a.cache_f16, cells, grid, scale, shift, pfor);             \
-  else                                                                                        \
-    gather_impl<ACT, AFFINE>(p, a, a.cache, cells, grid, scale, shift, pfor);
-#define SSIC_GATHER(ACT)             \
-  if (affine) {                      \
-    SSIC_GATHER_CACHE(ACT, true)     \
-  } else {                           \
-    SSIC_GATHER_CACHE(ACT, false)    \
-  }
-  switch (p.activation) {
-    case kIdentity: SSIC_GATHER(kIdentity) break;
-    case kRelu: SSIC_GATHER(kRelu) break;
-    case kLeakyRelu: SSIC_GATHER(kLeakyRelu) break;
-    case kSwish: SSIC_GATHER(kSwish) break;
-    default: return "TileGather: unknown activation " + std::to_string(p.activation);
-  }
-#undef SSIC_GATHER
-#undef SSIC_GATHER_CACHE
+std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs& c, const ParallelFor& pfor) {
+  GatherPlan plan;
+  RowProducer produce = nullptr;
+  std::string err = plan_gather(p, a, "TileConv", plan, produce);
+  if (!err.empty()) return err;
+  const int64_t t = p.tile, K = p.kernel * p.kernel * a.channels, N = c.cout;
+  const int64_t items = a.n * t;  // one item = t rows
+  if (items == 0) return {};
+  // Row blocks of ~96 rows (the gathered block, 96 x K floats, stays in L2 while every column panel
+  // multiplies it); with few blocks the columns are split too, so that both threads have work.
+  const int64_t per_block = std::max<int64_t>(1, kConvBlockRows / t);
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  const int64_t panels = (N + kGemmNr - 1) / kGemmNr;
+  const int64_t splits = blocks >= 4 ? 1 : std::min(panels, (4 + blocks - 1) / blocks);
+  const int64_t lda = gemm_row_stride(K);
+  pfor(blocks * splits, [&](int64_t begin, int64_t end) {
+    thread_local std::vector<float> rows_buf;
+    int64_t gathered = -1;  // the row block now in rows_buf
+    for (int64_t w = begin; w < end; ++w) {
+      const int64_t b = w / splits, part = w % splits;
+      const int64_t i0 = b * per_block, i1 = std::min(items, i0 + per_block);
+      const int64_t r0 = i0 * t, rows = (i1 - i0) * t;
+      if (gathered != b) {
+        if (rows_buf.size() < static_cast<size_t>(rows * lda)) rows_buf.resize(static_cast<size_t>(rows * lda));
+        produce(plan, i0, i1, rows_buf.data(), lda);
+        gathered = b;
+      }
+      const int64_t n0 = panels * part / splits * kGemmNr;
+      const int64_t n1 = std::min(N, panels * (part + 1) / splits * kGemmNr);
+      float* y = c.out + r0 * N;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* yr = y + r * N;
+        const float* add = c.addend ? c.addend + (r0 + r) * N : nullptr;
+        for (int64_t j = n0; j < n1; ++j) yr[j] = (c.bias ? c.bias[j] : 0.0f) + (add ? add[j] : 0.0f);
+      }
+      gemm_packed_accumulate(rows, N, K, rows_buf.data(), lda, c.weight, y, N, n0, n1);
+    }
+  });
   return {};
 }
 

@@ -53,6 +53,18 @@ struct ScatterArgs {
   float* out;             // [1, C, H, W]
 };
 
+// The matrix half of TileConv: out = gathered rows [M, K] x W [K, cout] + bias + addend.
+struct ConvArgs {
+  const float* weight;  // W packed as [ceil(cout/16), K, 16] (gemm.h), zero-padded columns
+  const float* bias;    // [cout] or nullptr
+  const float* addend;  // [M, cout] or nullptr (a partial sum: conv of a channel concat)
+  int64_t cout;
+  float* out;           // [M, cout], M = n*t*t
+};
+
+// Rows per gathered block of TileConv (the block stays in L2 while it is multiplied).
+constexpr int64_t kConvBlockRows = 96;
+
 // float16 (IEEE binary16 bits) -> float32, exact for every value (subnormals, infinities, NaNs).
 float half_to_float(uint16_t h);
 // dst[i] = half_to_float(src[i]) for i < n: F16C instructions where the CPU has them (checked at run
@@ -61,6 +73,8 @@ void halfs_to_floats(const uint16_t* src, float* dst, int64_t n);
 
 // Both return an empty string on success, else an error message (no exceptions cross threads).
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor);
+// TileGather's rows multiplied block by block, without the [M, k*k*C] buffer (args.cols unused).
+std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs& c, const ParallelFor& pfor);
 std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor);
 
 }  // namespace ssic

@@ -131,10 +131,11 @@ Allocator raw_output(OrtKernelContext* ctx) {
   };
 }
 
-const float* optional_vector(const View<float>& t, int64_t channels, const char* what, std::string& err) {
+const float* optional_vector(const View<float>& t, int64_t channels, const char* op, const char* what,
+                             std::string& err) {
   if (!t.present) return nullptr;
   if (t.shape.size() != 1 || t.shape[0] != channels) {
-    err = std::string("TileGather: ") + what + " must have shape [" + std::to_string(channels) + "], got " +
+    err = std::string(op) + ": " + what + " must have shape [" + std::to_string(channels) + "], got " +
           shape_str(t.shape);
     return nullptr;
   }
@@ -170,6 +171,62 @@ OrtCustomOp* create_op(const char* name) {
   return op;
 }
 
+// The gather attributes of TileGather and TileConv.
+std::string read_gather_params(AttrReader& r, ssic::GatherParams& p) {
+  p.src_tile = r.get_int("src_tile", std::nullopt);
+  p.tile = r.get_int("tile", std::nullopt);
+  p.kernel = r.get_int("kernel", std::nullopt);
+  p.stride = r.get_int("stride", 1);
+  p.pad_top = r.get_int("pad_top", 0);
+  p.pad_left = r.get_int("pad_left", 0);
+  p.upsample = r.get_int("upsample", 1);
+  p.activation = r.get_int("activation", 0);
+  p.alpha = r.get_float("alpha", 0.01f);
+  p.src_layout = r.get_int("src_layout", 0);
+  p.pad_mode = r.get_int("pad_mode", 0);
+  if (!r.error.empty()) return r.error;
+  if (p.src_tile < 1 || p.tile < 1 || p.kernel < 1 || p.stride < 1 || p.upsample < 1)
+    return "src_tile, tile, kernel, stride and upsample must be >= 1";
+  if (p.activation < 0 || p.activation > 3) return "activation must be 0..3";
+  if (p.src_layout != 0 && p.src_layout != 1) return "src_layout must be 0 or 1";
+  if (p.pad_mode < 0 || p.pad_mode > 2) return "pad_mode must be 0..2";
+  return {};
+}
+
+// Checks the gather inputs (shared by TileGather and TileConv) and fills the kernel arguments.
+template <typename CacheT>
+std::string gather_args(const char* op, const ssic::GatherParams& p, const View<float>& tiles,
+                        const View<CacheT>& cache, const View<int64_t>& src_idx, const View<int64_t>& dst_idx,
+                        const View<float>& scale, const View<float>& shift, ssic::GatherArgs& a) {
+  const std::string o(op);
+  if (!tiles.present || !cache.present || !src_idx.present || !dst_idx.present)
+    return o + ": tiles, cache, src_idx and dst_idx are required";
+  const auto& cs = cache.shape;
+  if (p.src_layout == 0) {
+    if (cs.size() != 3) return o + ": NHWC cache must be [Hs, Ws, C], got " + shape_str(cs);
+    a.hs = cs[0], a.ws = cs[1], a.channels = cs[2];
+  } else {
+    if (cs.size() != 4 || cs[0] != 1) return o + ": NCHW cache must be [1, C, Hs, Ws], got " + shape_str(cs);
+    a.channels = cs[1], a.hs = cs[2], a.ws = cs[3];
+  }
+  if (!is_pairs(src_idx.shape)) return o + ": src_idx must be [m, 2], got " + shape_str(src_idx.shape);
+  if (!is_pairs(dst_idx.shape)) return o + ": dst_idx must be [n, 2], got " + shape_str(dst_idx.shape);
+  a.m = src_idx.shape[0];
+  a.n = dst_idx.shape[0];
+  const std::vector<int64_t> want{a.m * p.src_tile * p.src_tile, a.channels};
+  if (tiles.shape != want)
+    return o + ": tiles must be [m*src_tile^2, C] = " + shape_str(want) + ", got " + shape_str(tiles.shape);
+  std::string err;
+  a.scale = optional_vector(scale, a.channels, op, "scale", err);
+  if (err.empty()) a.shift = optional_vector(shift, a.channels, op, "shift", err);
+  if (!err.empty()) return err;
+  a.tiles = tiles.data;
+  set_cache(cache.data, a.cache, a.cache_f16);
+  a.src_idx = src_idx.data;
+  a.dst_idx = dst_idx.data;
+  return {};
+}
+
 // Each op is registered twice, with a float32 and with a float16 `cache` input (CacheT): ONNX Runtime
 // merges the two into one schema and picks the kernel by the cache's type. Every other input and the
 // output are float32 in both.
@@ -180,23 +237,7 @@ struct TileGatherKernel {
 
   TileGatherKernel(const OrtApi* api, const OrtKernelInfo* info) {
     AttrReader r{api, info, {}};
-    p.src_tile = r.get_int("src_tile", std::nullopt);
-    p.tile = r.get_int("tile", std::nullopt);
-    p.kernel = r.get_int("kernel", std::nullopt);
-    p.stride = r.get_int("stride", 1);
-    p.pad_top = r.get_int("pad_top", 0);
-    p.pad_left = r.get_int("pad_left", 0);
-    p.upsample = r.get_int("upsample", 1);
-    p.activation = r.get_int("activation", 0);
-    p.alpha = r.get_float("alpha", 0.01f);
-    p.src_layout = r.get_int("src_layout", 0);
-    p.pad_mode = r.get_int("pad_mode", 0);
-    attr_error = r.error;
-    if (attr_error.empty() && (p.src_tile < 1 || p.tile < 1 || p.kernel < 1 || p.stride < 1 || p.upsample < 1))
-      attr_error = "src_tile, tile, kernel, stride and upsample must be >= 1";
-    if (attr_error.empty() && (p.activation < 0 || p.activation > 3)) attr_error = "activation must be 0..3";
-    if (attr_error.empty() && (p.src_layout != 0 && p.src_layout != 1)) attr_error = "src_layout must be 0 or 1";
-    if (attr_error.empty() && (p.pad_mode < 0 || p.pad_mode > 2)) attr_error = "pad_mode must be 0..2";
+    attr_error = read_gather_params(r, p);
   }
 
   Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<CacheT>& cache,
@@ -216,36 +257,74 @@ struct TileGatherKernel {
                   const View<float>& shift, const Allocator& allocate) {
     try {
       if (!attr_error.empty()) return invalid("TileGather: " + attr_error);
-      if (!tiles.present || !cache.present || !src_idx.present || !dst_idx.present)
-        return invalid("TileGather: tiles, cache, src_idx and dst_idx are required");
-      const auto& cs = cache.shape;
       ssic::GatherArgs a{};
-      if (p.src_layout == 0) {
-        if (cs.size() != 3) return invalid("TileGather: NHWC cache must be [Hs, Ws, C], got " + shape_str(cs));
-        a.hs = cs[0], a.ws = cs[1], a.channels = cs[2];
-      } else {
-        if (cs.size() != 4 || cs[0] != 1)
-          return invalid("TileGather: NCHW cache must be [1, C, Hs, Ws], got " + shape_str(cs));
-        a.channels = cs[1], a.hs = cs[2], a.ws = cs[3];
-      }
-      if (!is_pairs(src_idx.shape)) return invalid("TileGather: src_idx must be [m, 2], got " + shape_str(src_idx.shape));
-      if (!is_pairs(dst_idx.shape)) return invalid("TileGather: dst_idx must be [n, 2], got " + shape_str(dst_idx.shape));
-      a.m = src_idx.shape[0];
-      a.n = dst_idx.shape[0];
-      const std::vector<int64_t> want{a.m * p.src_tile * p.src_tile, a.channels};
-      if (tiles.shape != want)
-        return invalid("TileGather: tiles must be [m*src_tile^2, C] = " + shape_str(want) + ", got " +
-                       shape_str(tiles.shape));
-      std::string err;
-      a.scale = optional_vector(scale, a.channels, "scale", err);
-      if (err.empty()) a.shift = optional_vector(shift, a.channels, "shift", err);
+      std::string err = gather_args("TileGather", p, tiles, cache, src_idx, dst_idx, scale, shift, a);
       if (!err.empty()) return invalid(err);
-      a.tiles = tiles.data;
-      set_cache(cache.data, a.cache, a.cache_f16);
-      a.src_idx = src_idx.data;
-      a.dst_idx = dst_idx.data;
       a.cols = allocate({a.n * p.tile * p.tile, p.kernel * p.kernel * a.channels});
       err = ssic::tile_gather(p, a, make_pfor(ctx));
+      if (!err.empty()) return invalid(err);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+};
+
+// TileGather fused with the conv's MatMul (+ bias, + a partial sum): no im2col buffer.
+template <typename CacheT>
+struct TileConvKernel {
+  ssic::GatherParams p{};
+  int64_t cout = 0;
+  std::string attr_error;
+
+  TileConvKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    AttrReader r{api, info, {}};
+    attr_error = read_gather_params(r, p);
+    cout = r.get_int("cout", std::nullopt);
+    if (attr_error.empty()) attr_error = r.error;
+    if (attr_error.empty() && cout < 1) attr_error = "cout must be >= 1";
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& tiles, const Tensor<CacheT>& cache,
+                      const Tensor<int64_t>& src_idx, const Tensor<int64_t>& dst_idx, const Tensor<float>& weight,
+                      OptionalTensor scale, OptionalTensor shift, OptionalTensor bias, OptionalTensor addend,
+                      Tensor<float>& out) {
+    return Run(ctx, view(tiles), view(cache), view(src_idx), view(dst_idx), view(weight), view(scale), view(shift),
+               view(bias), view(addend), [&out](const std::vector<int64_t>& shape) { return out.Allocate(shape); });
+  }
+
+  Ort::Status ComputeRaw(OrtKernelContext* ctx) {
+    return Run(ctx, raw_input<float>(ctx, 0), raw_input<CacheT>(ctx, 1), raw_input<int64_t>(ctx, 2),
+               raw_input<int64_t>(ctx, 3), raw_input<float>(ctx, 4), raw_input<float>(ctx, 5),
+               raw_input<float>(ctx, 6), raw_input<float>(ctx, 7), raw_input<float>(ctx, 8), raw_output(ctx));
+  }
+
+  Ort::Status Run(OrtKernelContext* ctx, const View<float>& tiles, const View<CacheT>& cache,
+                  const View<int64_t>& src_idx, const View<int64_t>& dst_idx, const View<float>& weight,
+                  const View<float>& scale, const View<float>& shift, const View<float>& bias,
+                  const View<float>& addend, const Allocator& allocate) {
+    try {
+      if (!attr_error.empty()) return invalid("TileConv: " + attr_error);
+      ssic::GatherArgs a{};
+      std::string err = gather_args("TileConv", p, tiles, cache, src_idx, dst_idx, scale, shift, a);
+      if (!err.empty()) return invalid(err);
+      const int64_t K = p.kernel * p.kernel * a.channels, M = a.n * p.tile * p.tile;
+      const std::vector<int64_t> wshape{(cout + 15) / 16, K, 16};
+      if (!weight.present || weight.shape != wshape)
+        return invalid("TileConv: weight must be packed as [ceil(cout/16), k*k*C, 16] = " + shape_str(wshape) +
+                       ", got " + shape_str(weight.shape));
+      ssic::ConvArgs c{};
+      c.weight = weight.data;
+      c.cout = cout;
+      c.bias = optional_vector(bias, cout, "TileConv", "bias", err);
+      if (!err.empty()) return invalid(err);
+      if (addend.present) {
+        if (addend.shape != std::vector<int64_t>{M, cout})
+          return invalid("TileConv: addend must be " + shape_str({M, cout}) + ", got " + shape_str(addend.shape));
+        c.addend = addend.data;
+      }
+      c.out = allocate({M, cout});
+      err = ssic::tile_conv(p, a, c, make_pfor(ctx));
       if (!err.empty()) return invalid(err);
       return Ort::Status{nullptr};
     } catch (const std::exception& e) {
@@ -339,6 +418,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain = new Ort::CustomOpDomain(kDomain);
       domain->Add(create_op<TileGatherKernel<float>>("TileGather"));
       domain->Add(create_op<TileGatherKernel<Ort::Float16_t>>("TileGather"));
+      domain->Add(create_op<TileConvKernel<float>>("TileConv"));
+      domain->Add(create_op<TileConvKernel<Ort::Float16_t>>("TileConv"));
       domain->Add(create_op<TileScatterKernel<float>>("TileScatter"));
       domain->Add(create_op<TileScatterKernel<Ort::Float16_t>>("TileScatter"));
     });

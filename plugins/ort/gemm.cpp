@@ -1,0 +1,135 @@
+// Packed-panel SGEMM of ssic::TileConv. See gemm.h.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define SSIC_AVX2_DISPATCH 1
+#endif
+
+namespace ssic {
+namespace {
+
+constexpr int64_t kMr = 6;    // rows of the register tile
+constexpr int64_t kKc = 256;  // K slice: a 256 x 16 panel slice (16 KiB) stays in L1
+
+// c[r, 0:16] += sum_k a[r, k] * b[k, 0:16] for r < MR; a is row-major with row stride lda, b one
+// packed panel slice (16 floats per k).
+using MicroKernel = void (*)(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc);
+
+template <int MR>
+void micro_portable(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc) {
+  float acc[MR][kGemmNr];
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kGemmNr; ++j) acc[r][j] = c[r * ldc + j];
+  for (int64_t p = 0; p < kc; ++p, b += kGemmNr) {
+    for (int r = 0; r < MR; ++r) {
+      const float av = a[r * lda + p];
+      for (int j = 0; j < kGemmNr; ++j) acc[r][j] += av * b[j];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int j = 0; j < kGemmNr; ++j) c[r * ldc + j] = acc[r][j];
+}
+
+#ifdef SSIC_AVX2_DISPATCH
+// 6 x 16 register tile: 12 accumulators, two B vectors and one broadcast of A per row and k.
+template <int MR>
+__attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b,
+                                                     float* c, int64_t ldc) {
+  __m256 lo[MR], hi[MR];
+  const float* ar[MR];
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    lo[r] = _mm256_loadu_ps(c + r * ldc);
+    hi[r] = _mm256_loadu_ps(c + r * ldc + 8);
+    ar[r] = a + r * lda;
+  }
+  for (int64_t p = 0; p < kc; ++p, b += kGemmNr) {
+    const __m256 b0 = _mm256_loadu_ps(b);
+    const __m256 b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+    for (int r = 0; r < MR; ++r) {
+      const __m256 av = _mm256_broadcast_ss(ar[r] + p);
+      lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
+    }
+  }
+#pragma GCC unroll 6
+  for (int r = 0; r < MR; ++r) {
+    _mm256_storeu_ps(c + r * ldc, lo[r]);
+    _mm256_storeu_ps(c + r * ldc + 8, hi[r]);
+  }
+}
+#endif
+
+struct Kernels {
+  MicroKernel rows[kMr + 1];  // rows[r]: an r-row register tile (1..6)
+  const char* name;
+};
+
+Kernels pick_kernels() {
+  const char* off = std::getenv("SSIC_DISABLE_AVX2");
+  const bool disabled = off != nullptr && off[0] != '\0' && off[0] != '0';
+#ifdef SSIC_AVX2_DISPATCH
+  __builtin_cpu_init();
+  if (!disabled && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    return {{nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>, micro_avx2<4>, micro_avx2<5>, micro_avx2<6>},
+            "avx2-fma"};
+  }
+#endif
+  (void)disabled;
+  return {{nullptr, micro_portable<1>, micro_portable<2>, micro_portable<3>, micro_portable<4>, micro_portable<5>,
+           micro_portable<6>},
+          "portable"};
+}
+
+const Kernels& kernels() {
+  static const Kernels k = pick_kernels();
+  return k;
+}
+
+}  // namespace
+
+const char* gemm_kernel_name() { return kernels().name; }
+
+int64_t gemm_row_stride(int64_t k) {
+  // Rows a multiple of 4 KiB apart map to one L1 set: the six rows the micro-kernel reads at once
+  // would then evict each other. Pad to a multiple of 16 floats that is not.
+  int64_t lda = (k + 15) / 16 * 16;
+  if ((lda * static_cast<int64_t>(sizeof(float))) % 4096 == 0) lda += 16;
+  return lda;
+}
+
+void gemm_packed_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b_packed,
+                            float* c, int64_t ldc, int64_t n0, int64_t n1) {
+  const Kernels& ks = kernels();
+  float edge[kMr * kGemmNr];  // register tile of a last panel narrower than 16 columns
+  for (int64_t pc = 0; pc < k; pc += kKc) {
+    const int64_t kc = std::min(kKc, k - pc);
+    for (int64_t j0 = n0; j0 < n1; j0 += kGemmNr) {
+      const float* panel = b_packed + ((j0 / kGemmNr) * k + pc) * kGemmNr;
+      const int64_t cols = std::min(kGemmNr, n - j0);
+      for (int64_t i0 = 0; i0 < m; i0 += kMr) {
+        const int64_t rows = std::min(kMr, m - i0);
+        const float* ap = a + i0 * lda + pc;
+        float* cp = c + i0 * ldc + j0;
+        if (cols == kGemmNr) {
+          ks.rows[rows](kc, ap, lda, panel, cp, ldc);
+          continue;
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          std::memcpy(edge + r * kGemmNr, cp + r * ldc, sizeof(float) * cols);
+          std::memset(edge + r * kGemmNr + cols, 0, sizeof(float) * (kGemmNr - cols));
+        }
+        ks.rows[rows](kc, ap, lda, panel, edge, kGemmNr);
+        for (int64_t r = 0; r < rows; ++r) std::memcpy(cp + r * ldc, edge + r * kGemmNr, sizeof(float) * cols);
+      }
+    }
+  }
+}
+
+}  // namespace ssic
