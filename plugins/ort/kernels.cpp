@@ -203,6 +203,14 @@ struct GatherPlan {
 // work item is one row py of one output tile i: t rows of k*k*C floats.
 using RowProducer = void (*)(const GatherPlan& plan, int64_t begin, int64_t end, float* out, int64_t ld);
 
+// Index of v in vals[0:n], appending it when absent (the distinct source coordinates of one tile).
+inline int64_t slot_of(int64_t v, int64_t* vals, int64_t& n) {
+  for (int64_t i = 0; i < n; ++i)
+    if (vals[i] == v) return i;
+  vals[n] = v;
+  return n++;
+}
+
 template <int64_t Act, bool Affine, typename CacheT>
 void gather_rows(const GatherPlan& plan, int64_t begin, int64_t end, float* out, int64_t ld) {
   const GatherParams& p = plan.p;
@@ -217,41 +225,74 @@ void gather_rows(const GatherPlan& plan, int64_t begin, int64_t end, float* out,
     cache = a.cache;
   }
   const int64_t t = p.tile, k = p.kernel, C = a.channels;
-  const int64_t row_len = k * k * C;
   const bool nhwc = p.src_layout == 0;
   const int64_t plane = a.hs * a.ws;  // NCHW channel stride
   const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs, p.pad_mode};
   const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws, p.pad_mode};
   const ActArgs act = act_args(p.alpha);
-  std::vector<int64_t> sy(static_cast<size_t>(k)), sx(static_cast<size_t>(t * k));
   std::vector<float> buf(static_cast<size_t>(C));  // one converted float16 pixel
+
+  // act(v*scale + shift) of source pixel (y, x) into dst (zeros outside the image).
+  auto read_pixel = [&](int64_t y, int64_t x, float* dst) {
+    if (y < 0 || x < 0) {
+      std::memset(dst, 0, sizeof(float) * C);
+      return;
+    }
+    const int32_t j = plan.cells[static_cast<size_t>(pixel_cell(grid, y, x))];
+    if (j >= 0) {
+      transform<Act, Affine>(a.tiles + tile_row(grid, j, y, x) * C, 1, scale, shift, act, dst, C);
+    } else if (nhwc) {
+      read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, scale, shift, act, dst, C, buf.data());
+    } else {
+      read_cached<Act, Affine>(cache + y * a.ws + x, plane, scale, shift, act, dst, C, buf.data());
+    }
+  };
+
+  // A k x k window reads each source pixel up to k*k times. Where reading costs more than a copy
+  // (swish's exp; the strided reads of an NCHW cache), each output tile's source window is read once
+  // into `window` and its im2col rows are copied from there. Measured (plugins/ort/bench_ab.py, 1 thread): a
+  // float16 cache with GroupNorm + swish gathers 1.4-1.5x faster; relu/leaky relu and F16C conversion
+  // cost about a copy, and there the window's extra copy made the gather 10% slower.
+  const bool windowed = k > 1 && (Act == kSwish || !nhwc);
+  std::vector<int64_t> ys(static_cast<size_t>(t * k)), xs(static_cast<size_t>(t * k));  // distinct coords
+  std::vector<int64_t> wy(static_cast<size_t>(t * k)), wx(static_cast<size_t>(t * k));  // tap -> slot
+  std::vector<float> window;
+  int64_t rows_n = 0, cols_n = 0, tile_in_window = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t i = item / t, py = item % t;
     const int64_t dy = a.dst_idx[2 * i], dx = a.dst_idx[2 * i + 1];
-    for (int64_t ky = 0; ky < k; ++ky) sy[ky] = gather_source(gy, dy, py, ky);
-    for (int64_t px = 0; px < t; ++px)
-      for (int64_t kx = 0; kx < k; ++kx) sx[px * k + kx] = gather_source(gx, dx, px, kx);
+    if (!windowed) {
+      // direct: each tap read (and converted) where it goes
+      for (int64_t ky = 0; ky < k; ++ky) ys[ky] = gather_source(gy, dy, py, ky);
+      for (int64_t px = 0; px < t; ++px)
+        for (int64_t kx = 0; kx < k; ++kx) xs[px * k + kx] = gather_source(gx, dx, px, kx);
+      float* rows = out + (item - begin) * t * ld;
+      for (int64_t px = 0; px < t; ++px)
+        for (int64_t ky = 0; ky < k; ++ky) {
+          float* dst = rows + px * ld + ky * k * C;
+          for (int64_t kx = 0; kx < k; ++kx, dst += C) read_pixel(ys[ky], xs[px * k + kx], dst);
+        }
+      continue;
+    }
+    if (i != tile_in_window) {
+      rows_n = cols_n = 0;
+      for (int64_t q = 0; q < t; ++q)
+        for (int64_t kk = 0; kk < k; ++kk) {
+          wy[q * k + kk] = slot_of(gather_source(gy, dy, q, kk), ys.data(), rows_n);
+          wx[q * k + kk] = slot_of(gather_source(gx, dx, q, kk), xs.data(), cols_n);
+        }
+      window.resize(static_cast<size_t>(rows_n * cols_n * C));
+      for (int64_t r = 0; r < rows_n; ++r)
+        for (int64_t c = 0; c < cols_n; ++c) read_pixel(ys[r], xs[c], window.data() + (r * cols_n + c) * C);
+      tile_in_window = i;
+    }
     float* rows = out + (item - begin) * t * ld;
     for (int64_t px = 0; px < t; ++px) {
       for (int64_t ky = 0; ky < k; ++ky) {
-        const int64_t y = sy[ky];
+        const int64_t r = wy[py * k + ky];
         float* dst = rows + px * ld + ky * k * C;
-        for (int64_t kx = 0; kx < k; ++kx, dst += C) {
-          const int64_t x = sx[px * k + kx];
-          if (y < 0 || x < 0) {
-            std::memset(dst, 0, sizeof(float) * C);
-            continue;
-          }
-          const int32_t j = plan.cells[static_cast<size_t>(pixel_cell(grid, y, x))];
-          if (j >= 0) {
-            const float* src = a.tiles + tile_row(grid, j, y, x) * C;
-            transform<Act, Affine>(src, 1, scale, shift, act, dst, C);
-          } else if (nhwc) {
-            read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, scale, shift, act, dst, C, buf.data());
-          } else {
-            read_cached<Act, Affine>(cache + y * a.ws + x, plane, scale, shift, act, dst, C, buf.data());
-          }
-        }
+        for (int64_t kx = 0; kx < k; ++kx, dst += C)
+          std::memcpy(dst, window.data() + (r * cols_n + wx[px * k + kx]) * C, sizeof(float) * C);
       }
     }
   }
