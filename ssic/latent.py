@@ -279,3 +279,22 @@ def latent_edit_files(unet, encoder, decoder, a: np.ndarray, b: np.ndarray, cond
     summary = (f"{kind}, {kwargs.get('steps', 10)} steps: edit {res['edit_s']:.2f} s after priming "
                f"{res['prime_s']:.2f} s, {100 * res['active_fraction']:.1f}% of the UNet tiles active")
     return {"image": y, "summary": summary, "result": res}
+
+
+def edit_cache_bytes(unet, steps: int, *, guided: bool = True, encoder=None, decoder=None) -> dict[str, int]:
+    """Resident cache bytes of a latent edit, from the artefacts' manifests (or sessions).
+
+    ``unet``/``encoder``/``decoder``: manifests or sessions; ``steps``: denoising steps the edit runs
+    (a 50-step schedule at strength 0.7 runs 35); ``guided``: two UNet cache states per step
+    (classifier-free guidance) instead of one. Returns ``{"unet_state", "per_step", "unet_total",
+    "encoder", "decoder", "total"}`` in bytes (one primed state of each VAE part; 0 when not given).
+    """
+    def nbytes(part) -> int:
+        return 0 if part is None else int(getattr(part, "manifest", part).cache_bytes())
+
+    state = nbytes(unet)
+    per_step = state * (2 if guided else 1)
+    out = {"unet_state": state, "per_step": per_step, "unet_total": per_step * int(steps),
+           "encoder": nbytes(encoder), "decoder": nbytes(decoder)}
+    out["total"] = out["unet_total"] + out["encoder"] + out["decoder"]
+    return out

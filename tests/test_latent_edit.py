@@ -11,7 +11,7 @@ from PIL import Image
 import ssic
 from ssic.cli import main as cli_main
 from ssic.errors import SSICError
-from ssic.latent import check_latent_parts, latent_edit
+from ssic.latent import check_latent_parts, edit_cache_bytes, latent_edit
 
 pytest.importorskip("diffusers", reason="diffusers is not installed (pip install ssic[test])")
 
@@ -149,3 +149,16 @@ def test_parts_that_do_not_fit(parts, tmp_path):
         latent_edit(unet, enc, dec, a, a, np.zeros((1, 77, 32), np.float32))
     with pytest.raises(SSICError, match="strength must be in"):
         latent_edit(unet, enc, dec, a, a, np.zeros((1, 77, 32), np.float32), strength=0)
+
+
+def test_edit_cache_bytes_from_manifests(parts):
+    arts, _ = parts
+    unet, enc, dec = _sessions(arts)
+    got = edit_cache_bytes(unet, 35, encoder=enc.manifest, decoder=dec)
+    state = unet.manifest.cache_bytes()
+    assert got["unet_state"] == state > 0 and got["per_step"] == 2 * state and got["unet_total"] == 70 * state
+    assert got["total"] == 70 * state + enc.manifest.cache_bytes() + dec.manifest.cache_bytes()
+    assert edit_cache_bytes(unet, 10, guided=False)["total"] == 10 * state
+    unet.prime({"sample": np.zeros((1, 4, 16, 16), np.float32), "timestep": np.zeros(1, np.float32),
+                "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)})
+    assert unet.cache_bytes() == state  # what one primed state holds
