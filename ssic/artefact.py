@@ -111,6 +111,9 @@ class CacheEntry(_Strict):
     #: the sparse graph output ``Session.commit`` folds into this cache: new tiles ``[n*t*t, C]`` on
     #: the grid ``resolution`` (NCHW/NHWC activations) or the new ``[C]`` statistic; None: commit re-primes
     commit: str | None = None
+    #: a token value's cache (self-attention keys/values): the axes of ``shape`` over the pixels of
+    #: ``resolution``; its ``commit`` output is ``shape`` with them collapsed into the active rows
+    rows: list[int] | None = None
 
     @property
     def nbytes(self) -> int:

@@ -382,8 +382,20 @@ def _value_range(ctx, param, value):
               help="Intra-op threads (default: ONNX Runtime's).")
 @click.option("-o", "--output", required=True, type=click.Path(),
               help="Output: .png/.jpg/.jpeg (an image) or .npy (the model output as is).")
+@click.option("--vae-encoder", default=None, metavar="ART",
+              help="Stable Diffusion (an sd-unet ARTEFACT): the compiled sd-vae-encoder (images -> latent).")
+@click.option("--vae-decoder", default=None, metavar="ART",
+              help="Stable Diffusion: the compiled sd-vae-decoder (latent -> image).")
+@click.option("--embedding", default=None, metavar="FILE.npy",
+              help="Stable Diffusion: the prompt's text embedding, float [1,77,D] or [77,D] (no text encoder runs).")
+@click.option("--negative-embedding", default=None, metavar="FILE.npy",
+              help="Stable Diffusion: the unconditional (empty or negative prompt) embedding; turns on "
+                   "classifier-free guidance (two cache states per step).")
+@click.option("--guidance", type=float, default=None, callback=_finite,
+              help="Stable Diffusion: guidance scale g, eps = eps_u + g (eps_c - eps_u) [default: 7.5 with "
+                   "--negative-embedding, else 1 (no guidance)].")
 def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, seed, value_range, threads,
-         output) -> None:
+         output, vae_encoder, vae_decoder, embedding, negative_embedding, guidance) -> None:
     """Apply an edit with an artefact: prime on --original, recompute sparsely for --edited.
 
     Images (any PNG mode, 16-bit scaled, EXIF orientation applied) go through the model family's
@@ -394,10 +406,20 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
     .npy model inputs are used as they are. Images, label maps and masks must have the model's size,
     or pass --resize for images. Every argument and file is checked before any model runs.
 
+    Stable Diffusion (ARTEFACT an sd-unet, with --vae-encoder, --vae-decoder and --embedding):
+    SDEdit/img2img from --original to --edited (the mask is where they differ), or inpainting with
+    --mask (the region regenerated; the latent outside it follows the original's trajectory): the
+    images are encoded, noised to --strength and denoised over --steps DDIM steps (diffusers'
+    num_inference_steps=50 at strength 0.7 is --steps 35), every part sparse against caches primed
+    on the original, one UNet cache state per step (two with --negative-embedding).
+
     \b
     Example (Real-ESRGAN x4 of a 64x64 photo and its retouched copy):
       ssic export realesrgan --size 64x64 -o rg.onnx && ssic compile rg.onnx -o rg.ssic
       ssic edit rg.ssic --original photo.png --edited retouched.png -o big.png
+    Example (Stable Diffusion SDEdit with classifier-free guidance):
+      ssic edit unet.ssic --vae-encoder enc.ssic --vae-decoder dec.ssic --original a.png --edited b.png \
+        --embedding prompt.npy --negative-embedding empty.npy --strength 0.7 --steps 35 -o out.png
     """
     import ssic
     from ssic import editing
@@ -415,6 +437,14 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
         if file is not None and not Path(file).is_file():
             raise SSICError(f"{what} file not found: {file}" if not Path(file).exists() else
                             f"{what} must be a file, got a directory: {file}")
+    latent = {"--vae-encoder": vae_encoder, "--vae-decoder": vae_decoder, "--embedding": embedding,
+              "--negative-embedding": negative_embedding, "--guidance": guidance}
+    from ssic.artefact import read_manifest
+
+    if read_manifest(artefact).model.family == "sd-unet" or any(v is not None for v in latent.values()):
+        _edit_latent(artefact, original, edited, mask_file, resize, specs, steps, strength, seed, value_range,
+                     threads, output, latent)
+        return
     sess = ssic.load(artefact, threads=threads)
     labels = sess.manifest.model.family == "gaugan"
     read = read_labels if labels else read_input
@@ -424,6 +454,60 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
     result = editing.edit_files(sess, a, b, mask=mask, extra=extras, steps=steps, strength=strength, seed=seed,
                                 log=lambda m: _log(m, 1), resize=resize, value_range=value_range)
     editing.save_output(result["sparse"], output, result.get("range"))
+    _log(f"wrote {output}: {result['summary']}", 0)
+
+
+def _edit_latent(artefact, original, edited, mask_file, resize, specs, steps, strength, seed, value_range, threads,
+                 output, flags: dict) -> None:
+    """``ssic edit`` with Stable Diffusion parts (see :func:`ssic.latent.latent_edit_files`): checks every
+    flag, file and artefact before any model runs."""
+    import ssic
+    from ssic.artefact import read_manifest
+    from ssic.images import read_array, read_image, read_mask
+    from ssic.latent import GuidedUNet, check_latent_parts, latent_edit_files
+    from ssic.outputs import check_output_file
+
+    if read_manifest(artefact).model.family != "sd-unet":
+        given = ", ".join(k for k, v in flags.items() if v is not None)
+        raise SSICError(f"the Stable Diffusion option(s) {given} need an sd-unet artefact (ssic export sd-unet); "
+                        f"{artefact} is not one")
+    missing = [k for k in ("--vae-encoder", "--vae-decoder", "--embedding") if flags[k] is None]
+    if missing:
+        raise SSICError(f"a Stable Diffusion edit needs {', '.join(missing)} (the VAE artefacts and the text "
+                        "embedding .npy)")
+    if specs:
+        raise SSICError("--input does not apply to Stable Diffusion (the embedding is --embedding)")
+    if value_range is not None:
+        raise SSICError("--value-range does not apply to Stable Diffusion (images are [-1, 1] for the VAE)")
+    guidance = flags["--guidance"]
+    if flags["--negative-embedding"] is None and guidance not in (None, 1.0):
+        raise SSICError("--guidance needs --negative-embedding (the unconditional embedding of classifier-free "
+                        "guidance)")
+    guidance = guidance if guidance is not None else (7.5 if flags["--negative-embedding"] else 1.0)
+    check_output_file(output, inputs=[original, edited, mask_file, flags["--embedding"],
+                                      flags["--negative-embedding"]], what="-o/--output")
+    for what in ("--embedding", "--negative-embedding"):
+        f = flags[what]
+        if f is not None and not Path(f).is_file():
+            raise SSICError(f"{what} file not found: {f}")
+    for what in ("--vae-encoder", "--vae-decoder"):
+        if not Path(flags[what]).exists():
+            raise SSICError(f"{what} artefact not found: {flags[what]}")
+    check_latent_parts(*(read_manifest(p) for p in (artefact, flags["--vae-encoder"], flags["--vae-decoder"])))
+    a, b = read_image(original, "original"), read_image(edited, "edited")
+    mask = read_mask(mask_file, "mask") if mask_file else None
+    cond = read_array(flags["--embedding"], "--embedding")
+    uncond = read_array(flags["--negative-embedding"], "--negative-embedding") if flags["--negative-embedding"] \
+        else None
+    unet = ssic.load(artefact, threads=threads)
+    GuidedUNet(unet, cond, uncond, guidance)  # checks the embeddings' shapes before anything runs
+    encoder = ssic.load(flags["--vae-encoder"], threads=threads)
+    decoder = ssic.load(flags["--vae-decoder"], threads=threads)
+    result = latent_edit_files(unet, encoder, decoder, a, b, cond, uncond=uncond, guidance=guidance, mask=mask,
+                               resize=resize, steps=steps, strength=strength, seed=seed, log=lambda m: _log(m, 1))
+    from ssic.editing import save_output
+
+    save_output(result["image"], output, (-1.0, 1.0))
     _log(f"wrote {output}: {result['summary']}", 0)
 
 

@@ -28,11 +28,26 @@ def image_to_model(img: np.ndarray, size: tuple[int, int] | None = None) -> np.n
 
 
 class DDIMSchedule:
-    """The DDIM (eta = 0) sampler of the church model: linear betas 1e-4..0.02 over 1000 steps."""
+    """The DDIM (eta = 0) sampler of the church model: linear betas 1e-4..0.02 over 1000 steps.
 
-    def __init__(self, num_train_steps: int = 1000) -> None:
-        betas = np.linspace(1e-4, 0.02, num_train_steps, dtype=np.float64)
+    ``beta_schedule="scaled_linear"`` (betas = linspace(sqrt(start), sqrt(end))**2, diffusers' name)
+    with ``beta_start=0.00085, beta_end=0.012`` is Stable Diffusion 1.x's (:meth:`stable_diffusion`).
+    """
+
+    def __init__(self, num_train_steps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02,
+                 beta_schedule: str = "linear") -> None:
+        if beta_schedule == "linear":
+            betas = np.linspace(beta_start, beta_end, num_train_steps, dtype=np.float64)
+        elif beta_schedule == "scaled_linear":
+            betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train_steps, dtype=np.float64) ** 2
+        else:
+            raise SSICError(f"unknown beta schedule '{beta_schedule}' (linear or scaled_linear)")
         self.alphas_cumprod = np.cumprod(1.0 - betas)
+
+    @classmethod
+    def stable_diffusion(cls) -> DDIMSchedule:
+        """SD 1.x's noise schedule: scaled-linear betas 0.00085..0.012 over 1000 steps."""
+        return cls(1000, 0.00085, 0.012, "scaled_linear")
 
     def alpha(self, t: int) -> float:
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
@@ -47,6 +62,14 @@ class DDIMSchedule:
         return (np.sqrt(a) * x0 + np.sqrt(1 - a) * noise).astype(np.float32)
 
 
+def sdedit_timesteps(strength: float, steps: int) -> list[tuple[int, int]]:
+    """The ``(t, t_prev)`` DDPM steps of an SDEdit run: ``steps`` evenly spaced steps from
+    ``int(strength * 999)`` down, the last one to ``t_prev = -1`` (the clean sample)."""
+    t0 = max(1, int(strength * 999))
+    ts = np.linspace(t0, 0, steps + 1).round().astype(int)
+    return [(int(ts[i]), int(ts[i + 1]) if i + 1 < steps else -1) for i in range(steps)]
+
+
 def sdedit(session, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, *, steps: int = 10,
            strength: float = 0.5, seed: int = 0, log=None) -> dict:
     """SDEdit with per-step caches: prime every step on the original trajectory, then edit sparsely.
@@ -59,9 +82,7 @@ def sdedit(session, original: np.ndarray, edited: np.ndarray, mask: np.ndarray, 
     if steps < 1:
         raise SSICError("steps must be >= 1")
     sched = DDIMSchedule()
-    t0 = max(1, int(strength * 999))
-    ts = np.linspace(t0, 0, steps + 1).round().astype(int)
-    seq = [(int(ts[i]), int(ts[i + 1]) if i + 1 < steps else -1) for i in range(steps)]
+    seq = sdedit_timesteps(strength, steps)
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal(original.shape).astype(np.float32)
     from ssic.masks import dilate

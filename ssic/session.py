@@ -475,6 +475,10 @@ class Session:
                     continue
                 if c.layout == "C":
                     view[...] = updates[c.commit].reshape(view.shape)
+                elif c.rows:
+                    g = grids[c.resolution]
+                    scatter_rows_into(view, updates[c.commit], last.tiles[g.name], g.tile, (g.height, g.width),
+                                      tuple(c.rows))
                 else:
                     g = grids[c.resolution]
                     scatter_tiles(view, updates[c.commit], last.tiles[g.name], g.tile, nchw=c.layout == "NCHW")
@@ -548,3 +552,30 @@ def scatter_tiles(cache: np.ndarray, tiles: np.ndarray, idx: np.ndarray, tile: i
         cache.reshape(c, h * w)[:, flat] = rows[ok].T
     else:
         cache.reshape(h * w, c)[flat] = rows[ok]
+
+
+def scatter_rows_into(cache: np.ndarray, rows: np.ndarray, idx: np.ndarray, tile: int, hw: tuple[int, int],
+                      axes: tuple[int, ...]) -> None:
+    """Write the new rows of a token value (self-attention keys/values) into its cache in place.
+
+    ``cache``: C-contiguous, any float dtype (values are cast), whose axes ``axes`` (one axis of
+    ``H*W`` pixels in raster order, or two adjacent axes ``(H, W)``) run over the pixels of an
+    ``hw`` grid. ``rows``: ``cache``'s shape with those axes collapsed into one of ``n*t*t`` rows in
+    tile order (tile, py, px), ``idx`` int64 ``[n, 2]`` the tiles' top-left corners. Rows of clipped
+    tiles outside the grid are dropped.
+    """
+    n, t = int(idx.shape[0]), int(tile)
+    if n == 0:
+        return
+    h, w = hw
+    r0, r1 = axes[0], axes[-1]
+    shape = cache.shape
+    view = cache.view()
+    view.shape = (*shape[:r0], h * w, *shape[r1 + 1:])  # raises rather than copy: the cache must be contiguous
+    off = np.arange(t)
+    y = (idx[:, 0, None, None] + off[None, :, None]).repeat(t, axis=2).reshape(-1)  # [n*t*t], tile order
+    x = (idx[:, 1, None, None] + off[None, None, :]).repeat(t, axis=1).reshape(-1)
+    ok = (y < h) & (x < w)
+    lead = (slice(None),) * r0
+    upd = np.asarray(rows).reshape(*shape[:r0], n * t * t, *shape[r1 + 1:])
+    view[lead + ((y * w + x)[ok],)] = upd[lead + (ok,)]

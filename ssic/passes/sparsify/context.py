@@ -42,6 +42,10 @@ class CacheSpec:
     #: the sparse graph output a commit folds into this cache: the value's new tiles ``[n*t*t, C]`` on
     #: the grid of ``resolution`` (activations) or the new ``[C]`` statistic; None: commit re-primes
     commit: str | None = None
+    #: a token value's cache (self-attention keys/values, :func:`ssic.passes.sparsify.tokens.rows_cache`):
+    #: the axes of ``shape`` that run over the pixels of ``resolution`` (one axis of ``H*W``, or ``(H, W)``);
+    #: its commit output is ``shape`` with those axes collapsed into one of the active rows (tile order)
+    rows: tuple[int, ...] | None = None
 
     def to_json(self) -> dict:
         out = {
@@ -50,6 +54,8 @@ class CacheSpec:
         }
         if self.commit is not None:
             out["commit"] = self.commit
+        if self.rows is not None:
+            out["rows"] = list(self.rows)
         return out
 
 
@@ -230,6 +236,10 @@ class SparsifyContext:
                     value.shape = value.shape or ir.Shape(spec.shape)
                     value.type = value.type or ir.TensorType(
                         ir.DataType.DOUBLE if spec.dtype == "float64" else ir.DataType.FLOAT)
+                elif spec.rows is not None:
+                    r0, r1 = spec.rows[0], spec.rows[-1]
+                    value.shape = value.shape or ir.Shape([*spec.shape[:r0], None, *spec.shape[r1 + 1:]])
+                    value.type = value.type or ir.TensorType(ir.DataType.FLOAT)
                 else:
                     channels = spec.shape[1] if spec.layout == "NCHW" else spec.shape[-1]
                     value.shape = value.shape or ir.Shape([None, channels])

@@ -191,17 +191,21 @@ def clamped_row_index(ctx: SparsifyContext, grid: Grid) -> ir.Value:
     return ctx.memo[key]
 
 
-def rows_cache(ctx: SparsifyContext, value: ir.Value, grid: Grid) -> ir.Value:
+def rows_cache(ctx: SparsifyContext, value: ir.Value, rt: RowTiles) -> ir.Value:
     """The sparse graph input holding ``value``'s prime-run value as the model computes it (declared
-    with layout ``NCHW``: the model's own layout; float32: ScatterND/ScatterElements read it)."""
+    with layout ``NCHW``: the model's own layout, and the row axes ``rt.rows``) of type
+    ``ctx.cache_dtype``; read as float32 (:func:`scatter_rows` casts a float16 cache)."""
     key = (value.name, "NCHW")
     if key not in ctx.cache_inputs:
         shape = static_shape(value)
         name = f"ssic.cache.nchw.{value.name}"
-        inp = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(ir.DataType.FLOAT))
+        dtype = "float32" if value.is_graph_output() else ctx.cache_dtype
+        irtype = ir.DataType.FLOAT16 if dtype == "float16" else ir.DataType.FLOAT
+        inp = ir.Value(name=name, shape=ir.Shape(shape), type=ir.TensorType(irtype))
         ctx.graph.inputs.append(inp)
         ctx.cache_inputs[key] = inp
-        ctx.result.caches.append(CacheSpec(name, value.name, "NCHW", tuple(shape), "activation", grid.name, None))
+        ctx.result.caches.append(CacheSpec(name, value.name, "NCHW", tuple(shape), "activation", rt.grid.name, None,
+                                           dtype, rows=tuple(rt.rows)))
     return ctx.cache_inputs[key]
 
 
@@ -212,7 +216,12 @@ def scatter_rows(ctx: SparsifyContext, rt: RowTiles, value: ir.Value) -> ir.Valu
     n = grid.height * grid.width
     clipped = bool(grid.height % grid.tile or grid.width % grid.tile)
     cshape, rc = rt.cshape, rt.axis
-    data = rows_cache(ctx, value, grid)
+    cache = rows_cache(ctx, value, rt)
+    # a commit writes the new rows into the cache (Session.commit: scatter_rows_into)
+    ctx.note_commit(cache, rt.tensor)
+    data = cache
+    if cache.type.dtype == ir.DataType.FLOAT16:
+        data = ctx.add("Cast", [cache], {"to": ir.DataType.FLOAT}, name_hint="cache_f32")
     if len(rt.rows) > 1:
         data = ctx.add("Reshape", [data, ctx.i64(list(cshape), "shape")])
     idx = row_index(ctx, grid)
