@@ -397,12 +397,20 @@ std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs
   const int64_t t = p.tile, K = p.kernel * p.kernel * a.channels, N = c.cout;
   const int64_t items = a.n * t;  // one item = t rows
   if (items == 0) return {};
-  // Row blocks of ~96 rows (the gathered block, 96 x K floats, stays in L2 while every column panel
-  // multiplies it); with few blocks the columns are split too, so that both threads have work.
-  const int64_t per_block = std::max<int64_t>(1, kConvBlockRows / t);
+  // Row blocks of up to 96 rows (the gathered block stays in L2 while every column panel multiplies
+  // it); with fewer than 8 blocks the columns are split too (each part gathers its block), so that
+  // the threads stay balanced.
+  // Smaller row counts get smaller blocks (down to 24 rows, four register tiles) so that there are
+  // about 16 of them to balance over the threads without gathering a block twice; up to 96 rows are
+  // one block, whose columns are split instead (the weights are then read once).
+  const int64_t m_rows = items * t;
+  const int64_t block_rows = m_rows <= kConvBlockRows
+                                 ? m_rows
+                                 : std::max<int64_t>(24, std::min<int64_t>(kConvBlockRows, m_rows / 16));
+  const int64_t per_block = std::max<int64_t>(1, block_rows / t);
   const int64_t blocks = (items + per_block - 1) / per_block;
   const int64_t panels = (N + kGemmNr - 1) / kGemmNr;
-  const int64_t splits = blocks >= 4 ? 1 : std::min(panels, (4 + blocks - 1) / blocks);
+  const int64_t splits = blocks >= 8 ? 1 : std::min(panels, (8 + blocks - 1) / blocks);
   const int64_t lda = gemm_row_stride(K);
   pfor(blocks * splits, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> rows_buf;
