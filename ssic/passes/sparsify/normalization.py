@@ -26,6 +26,7 @@ def group_norm(ctx: SparsifyContext, layer: str, x: ir.Value, out: ir.Value, gro
                gamma: np.ndarray, beta: np.ndarray) -> None:
     """Record ``out = GroupNorm(x)`` (``x`` a tile value, per-channel ``gamma``/``beta``) as a tile value."""
     rep = ctx.rep(x)
+    parts = rep.parts if isinstance(rep, TileValue) else ()
     if rep.has_epilogue or rep.base is None:
         rep = ctx.cacheable(x, rep)
     c = rep.channels
@@ -42,19 +43,31 @@ def group_norm(ctx: SparsifyContext, layer: str, x: ir.Value, out: ir.Value, gro
                                                   incremental))
     a, b = (ctx.stat_input(nm, x, c, kind, rep.grid, layer, dtype) for nm, kind in zip(names, kinds, strict=True))
     if incremental:
-        a, b = _incremental_stats(ctx, rep, a, b, groups, eps, gamma, beta)
+        a, b = _incremental_stats(ctx, rep, a, b, groups, eps, gamma, beta, parts)
     ctx.set_rep(out, TileValue(rep.grid, rep.tiles, rep.base, c, a, b, dense_source=rep.dense_source))
 
 
+def _old_values(ctx: SparsifyContext, rep: TileValue, parts) -> ir.Value:
+    """The prime run's values under the active tiles of ``rep``'s grid, ``[M, C]``. The input of a
+    GroupNorm after a channel concat (UNet decoders) is read from its parts' caches, which the concat's
+    convs read anyway (``ConvRule``), so the concat itself is not cached for its statistics."""
+    grid = rep.grid
+    if parts and all(isinstance(p.rep, TileValue) and p.rep.grid == grid and p.rep.tiles is not None
+                     and not p.rep.has_epilogue for p in parts):
+        olds = [ctx.gather_cached(p.value, grid, p.channels, "gn_old_part", tiles=p.rep.tiles) for p in parts]
+        return ctx.add("Concat", olds, {"axis": 1}, name_hint="gn_old")
+    return ctx.gather_cached(rep.base, grid, rep.channels, "gn_old", tiles=rep.tiles)
+
+
 def _incremental_stats(ctx: SparsifyContext, rep: TileValue, s1: ir.Value, s2: ir.Value, groups: int, eps: float,
-                       gamma: np.ndarray, beta: np.ndarray) -> tuple[ir.Value, ir.Value]:
+                       gamma: np.ndarray, beta: np.ndarray, parts=()) -> tuple[ir.Value, ir.Value]:
     """GroupNorm scale/shift of the edited tensor from the prime run's sums and the changed tiles.
 
     ``sum_new = sum_prime + sum(new tiles) - sum(cached values under the tiles)`` (and the same for
     squares). Four float32 reductions over the ``[M, C]`` tiles; the ``[C]`` arithmetic runs in float64.
     """
     c, grid = rep.channels, rep.grid
-    old = ctx.gather_cached(rep.base, grid, c, "gn_old", tiles=rep.tiles)
+    old = _old_values(ctx, rep, parts)
     new = rep.tiles
     if grid.height % grid.tile or grid.width % grid.tile:
         valid = ctx.valid_rows(grid)
