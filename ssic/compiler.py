@@ -123,7 +123,8 @@ def _run_sparsify(state: CompileState, log) -> bool:
 
     state.sparse = ir.serde.deserialize_model(ir.serde.serialize_model(state.model))
     state.result = SparsifyPass(state.plan, gn_stats=state.options.gn_stats,
-                                cache_dtype=state.options.cache_dtype)(state.sparse)
+                                cache_dtype=state.options.cache_dtype,
+                                recompute_swish=state.options.recompute_swish)(state.sparse)
     n_sparse = sum(d.sparse for d in state.result.decisions)
     log(f"  {n_sparse}/{len(state.result.decisions)} convs sparse, {len(state.result.caches)} caches")
     if n_sparse == 0:

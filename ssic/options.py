@@ -73,6 +73,10 @@ class CompileOptions(BaseModel):
         "model outputs' caches stay as they are. Default: float16 (in-mask PSNR within 0.1 dB of float32 "
         "caches on Real-ESRGAN and the tiny presets); float32 with --exact (whose sparse output equals "
         "dense to float tolerance) and with --target trt.")
+    recompute_swish: bool = _opt(
+        False, "Trade speed for memory: do not cache the swish (SiLU) output a conv reads; the conv's gather "
+        "applies the normalisation and swish to the normalisation's input instead (each output tile's "
+        "window once). DDIM full: caches 598 -> 423 MB per step, a 1.2% edit ~25% slower.")
     disabled_passes: list[str] = _opt([], "Skip an optional pass (repeatable; `ssic compile -v` lists them).",
                                       flag="--disable-pass", metavar="NAME")
     input_shapes: dict[str, list[int]] = _opt({}, "Fix a dynamic input shape (repeatable; Polygraphy's "
@@ -97,10 +101,11 @@ def cli_table() -> list[tuple[str, dict[str, Any]]]:
 #: Per-family defaults, keyed by the ``ssic.model`` metadata that ``ssic export`` writes. A graph
 #: from elsewhere gets the generic defaults (the plan still comes from the graph).
 FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
-    # DDIM/PD: the anchor makes >= 64 sparse; ssic also makes 32 sparse (measured: MAC ratio 7.2x -> 10.2x
-    # at a 1.2% edit with the same quality), see BENCHMARKS.md. --sparse-min-res 64 gives the anchor split.
-    "ddim": {"sparse_min_res": 32, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1, "halo": 1},
-    "pd": {"sparse_min_res": 32, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1, "halo": 1},
+    # DDIM/PD: the anchor makes >= 64 sparse; ssic makes every level down to 8x8 sparse (measured at a
+    # 1.2% brush edit, same PSNR: DDIM MAC ratio 10.2x -> 15.3x, 8.3x -> 11.0x faster; PD 6.3x -> 11.7x,
+    # 5.2x -> 6.4x), see BENCHMARKS.md. --sparse-min-res 64 gives the anchor split.
+    "ddim": {"sparse_min_res": 8, "mask_eps": 0.01, "mask_radius": 5, "level_dilation": 1, "halo": 1},
+    "pd": {"sparse_min_res": 8, "mask_eps": 0.02, "mask_radius": 2, "level_dilation": 1, "halo": 1},
     # GauGAN: the output inside the edit depends on the last three 3x3 convs at 256x512 and two at
     # 128x256; growing the active region there by that much makes it exact inside the edit (measured
     # 122 dB vs 30 dB with 1), at lower resolutions a halo of 1 is enough (BENCHMARKS.md).
@@ -111,7 +116,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # (29 dB at a 5% edit); bounded exact mode with a budget of 32 px of the x4 output reached 43.7 dB
     # worst on the calibration edits of the church photo (BENCHMARKS.md, "Bounded exact mode").
     "realesrgan": {"radius_budget": 32},
-    "gaugan": {"sparse_min_res": 16, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2, "halo": 1,
+    # (G_middle_0 at 8x16 sparse too: MAC ratio 14.9x -> 16.1x at a 1.2% edit, same PSNR inside.)
+    "gaugan": {"sparse_min_res": 8, "mask_eps": 0.5, "mask_radius": 1, "level_dilation": 2, "halo": 1,
                "halos": {"256x512": 3, "128x256": 2}},
 }
 

@@ -39,17 +39,20 @@ class SparsifyPass:
     type of the activation caches the sparse graph reads. Raises ``ValueError`` for another value.
     """
 
-    def __init__(self, plan: SparsePlan, *, gn_stats: str = "incremental", cache_dtype: str = "float32") -> None:
+    def __init__(self, plan: SparsePlan, *, gn_stats: str = "incremental", cache_dtype: str = "float32",
+                 recompute_swish: bool = False) -> None:
         if gn_stats not in ("incremental", "cached"):
             raise ValueError(f"gn_stats must be 'incremental' or 'cached', got {gn_stats!r}")
         if cache_dtype not in ("float32", "float16"):
             raise ValueError(f"cache_dtype must be 'float32' or 'float16', got {cache_dtype!r}")
         self.plan = plan
         self.gn_stats = gn_stats
+        self.recompute_swish = recompute_swish
         self.cache_dtype = cache_dtype
 
     def __call__(self, model: ir.Model) -> SparsifyResult:
         ctx = SparsifyContext(model, self.plan, self.gn_stats, self.cache_dtype)
+        ctx.recompute_swish = self.recompute_swish
         graph = model.graph
         graph.opset_imports.setdefault("ssic", 1)
         for node in list(graph):

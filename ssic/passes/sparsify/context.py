@@ -124,6 +124,8 @@ class SparsifyContext:
         self.graph = model.graph
         self.plan = plan
         self.gn_stats = gn_stats
+        #: read a swish's input (with the activation in the gather) instead of caching its output
+        self.recompute_swish = False
         self.cache_dtype = cache_dtype  # of activation caches: "float32" or "float16"
         self.reps: dict[ir.Value, Rep] = {}
         self.materialized: dict[ir.Value, ir.Value] = {}

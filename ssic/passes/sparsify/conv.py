@@ -107,9 +107,11 @@ def _conv_source(ctx: SparsifyContext, x: ir.Value, pads: tuple[int, int], rep=N
         pad_mode = rep.pad_mode
         rep, source_value = rep.source, rep.source_value
     rep = rep.gather_source(ctx, source_value)
-    if isinstance(rep, TileValue) and rep.act == ACT_SWISH and rep.tiles is not None and source_value is x:
-        # swish costs an exp per read and a gather reads each pixel k*k times: apply it once on
-        # the tiles and gather the activation's own cache instead
+    if (isinstance(rep, TileValue) and rep.act == ACT_SWISH and rep.tiles is not None and source_value is x
+            and not ctx.recompute_swish):
+        # swish costs an exp per read (the gather's window reads each source pixel (t+k-1)^2/t^2 times):
+        # apply it once on the tiles and gather the activation's own cache instead (--recompute-swish
+        # keeps the input's cache only: less memory, slower)
         rep = ctx.cacheable(source_value, rep)
     return rep, upsample, (pad_top, pad_left), pad_mode
 
