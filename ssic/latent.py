@@ -201,6 +201,8 @@ def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray
         traj.append(sched.step(traj[-1], guide.prime(traj[-1], float(t), i), t, tp))
     original_image = decoder.prime({"latent": traj[-1]})["image"]
     prime_s = time.perf_counter() - start
+    for part in (encoder, unet, decoder):
+        part.release("prime")  # each prime session holds a copy of the weights (SD's UNet: 3.4 GB)
 
     # inpainting regenerates the masked region: fresh noise there (the same noise would retrace the
     # original trajectory where the images agree); SDEdit keeps the original's noise (SIGE's choice)

@@ -67,6 +67,9 @@ class Backend(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release what the backend holds (sessions, device memory)."""
 
+    def release(self, which: str) -> None:  # noqa: B027 - optional hook
+        """Free graph ``which``'s runtime objects until its next use (no-op where not supported)."""
+
 
 class _ReadWriteLock:
     """Many readers (edits) or one writer (a commit writing into the caches), writers waiting for readers."""
@@ -294,6 +297,16 @@ class Session:
         with self._lock:
             self._states[cache_id] = state
         return {k: v.copy() for k, v in outputs.items()}
+
+    def release(self, *graphs: str) -> None:
+        """Free the runtime sessions of ``graphs`` (``"dense"``, ``"prime"``; default both) until their
+        next use, which re-creates them (seconds for a large model). Each ONNX Runtime session holds its
+        own copy of the model's weights: after priming every step of a latent edit, releasing
+        ``"prime"`` frees Stable Diffusion's 3.4 GB UNet copy for the edits. Caches are kept."""
+        for which in graphs or ("dense", "prime"):
+            if which not in ("dense", "prime"):
+                raise SSICError(f"release: unknown graph {which!r} (dense, prime)")
+            self.backend.release(which)
 
     def forget(self, cache_id: object = 0) -> None:
         """Drop the caches of ``cache_id``."""

@@ -162,3 +162,22 @@ def test_edit_cache_bytes_from_manifests(parts):
     unet.prime({"sample": np.zeros((1, 4, 16, 16), np.float32), "timestep": np.zeros(1, np.float32),
                 "encoder_hidden_states": np.zeros((1, 77, 32), np.float32)})
     assert unet.cache_bytes() == state  # what one primed state holds
+
+
+def test_release_frees_the_prime_session_and_it_comes_back(tmp_path):
+    """Session.release drops the ONNX Runtime prime session (its copy of the weights) and keeps the
+    caches; the next prime re-creates it with the same result."""
+    from ssic.bench import example_inputs
+    from ssic.models import export_model
+
+    model = export_model("ddim", "tiny", tmp_path / "ddim.onnx", seed=0)
+    sess = ssic.load(ssic.compile(model, output_dir=tmp_path / "d.ssic"))
+    x = example_inputs(sess.manifest, 0)
+    first = sess.prime(x)
+    assert "prime" in sess.backend._sessions
+    sess.release("prime")
+    assert "prime" not in sess.backend._sessions and sess.cache_ids == [0]
+    np.testing.assert_array_equal(sess.edit(x, mode="sparse")["eps"], first["eps"])  # caches kept
+    np.testing.assert_array_equal(sess.prime(x)["eps"], first["eps"])
+    with pytest.raises(SSICError, match="unknown graph"):
+        sess.release("sparse")

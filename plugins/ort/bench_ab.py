@@ -6,6 +6,11 @@ shapes of the models' gathers: DDIM-like (float16 cache, GroupNorm affine + swis
 largest difference between the outputs (0 when only speed changed).
 
     python plugins/ort/bench_ab.py A/libssic_ort.so B/libssic_ort.so
+    python plugins/ort/bench_ab.py --fusion [--threads 2]
+
+``--fusion`` instead compares, in the installed library, TileGather followed by ONNX Runtime's MatMul
+and bias Add (what `--disable-pass fuse-tile-conv` compiles) with the one TileConv node the pass builds,
+on the shapes of FUSION_CASES (BENCHMARKS.md, "fused gather + GEMM").
 """
 
 from __future__ import annotations
@@ -26,6 +31,72 @@ CASES = [  # label, H, W, C, cout, active fraction, float16 cache, activation, a
     ("esrgan-like 256x256 C64 f16 lrelu 5%", 256, 256, 64, 32, 0.05, True, ops.ACT_LEAKY_RELU, False),
     ("esrgan-like 256x256 C64 f32 5%", 256, 256, 64, 32, 0.05, False, ops.ACT_IDENTITY, False),
 ]
+
+
+FUSION_CASES = [  # label, H, W, C, cout, active fraction, float16 cache, activation, affine
+    ("GauGAN 16x32 C1024", 16, 32, 1024, 1024, 0.07, False, ops.ACT_IDENTITY, False),
+    ("GauGAN 64x128 C512", 64, 128, 512, 512, 0.06, False, ops.ACT_IDENTITY, False),
+    ("GauGAN 64x128 C128", 64, 128, 128, 128, 0.06, False, ops.ACT_IDENTITY, False),
+    ("GauGAN 256x512 C128->64", 256, 512, 128, 64, 0.023, False, ops.ACT_IDENTITY, False),
+    ("DDIM 64x64 C256 f16 gn+swish", 64, 64, 256, 256, 0.10, True, ops.ACT_SWISH, True),
+    ("DDIM 128x128 C256 f16 gn+swish", 128, 128, 256, 256, 0.05, True, ops.ACT_SWISH, True),
+    ("DDIM 256x256 C128 f16 gn+swish", 256, 256, 128, 128, 0.05, True, ops.ACT_SWISH, True),
+    ("DDIM 32x32 C512 f16 gn+swish", 32, 32, 512, 512, 0.15, True, ops.ACT_SWISH, True),
+    ("ESRGAN 256x256 C192->32 f16 lrelu", 256, 256, 192, 32, 0.05, True, ops.ACT_LEAKY_RELU, False),
+    ("ESRGAN 256x256 C64->64 f16", 256, 256, 64, 64, 0.05, True, ops.ACT_IDENTITY, False),
+]
+
+
+def _graph_session(nodes, names: list[str], inits, cache_type: int, threads: int) -> ort.InferenceSession:
+    from ssic.library import get_library_path
+
+    def kind(n: str) -> int:
+        return TensorProto.INT64 if "idx" in n else cache_type if n == "cache" else TensorProto.FLOAT
+
+    vis = [helper.make_tensor_value_info(n, kind(n), None) for n in names]
+    out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
+    model = helper.make_model(helper.make_graph(nodes, "fusion", vis, out, inits),
+                              opset_imports=ops.opset_imports(), ir_version=10)
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.register_custom_ops_library(get_library_path())
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def run_fusion_case(case: tuple, threads: int, rounds: int, t: int = 2) -> None:
+    label, h, w, c, cout, frac, f16, act, affine = case
+    rng = np.random.default_rng(0)
+    cells = [(y, x) for y in range(0, h, t) for x in range(0, w, t)]
+    chosen = sorted(rng.choice(len(cells), max(1, int(len(cells) * frac)), replace=False))
+    idx = np.array([cells[i] for i in chosen], np.int64)
+    feeds = dict(tiles=rng.standard_normal((len(idx) * t * t, c)).astype(np.float32),
+                 cache=rng.standard_normal((h, w, c)).astype(np.float16 if f16 else np.float32),
+                 src_idx=idx, dst_idx=idx)
+    matrix = (rng.standard_normal((9 * c, cout)) * 0.05).astype(np.float32)
+    bias = rng.standard_normal(cout).astype(np.float32)
+    epi = ["scale", "shift"] if affine else []
+    epi_inits = [numpy_helper.from_array(rng.standard_normal(c).astype(np.float32), n) for n in epi]
+    attrs = dict(src_tile=t, tile=t, kernel=3, pad_top=1, pad_left=1, activation=act)
+    src = ["tiles", "cache", "src_idx", "dst_idx"]
+    unfused = [ops.make_node("TileGather", src + epi, ["cols"], **attrs),
+               helper.make_node("MatMul", ["cols", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["out"])]
+    fused = [ops.make_node("TileConv", src + ["w"] + (epi or ["", ""]) + ["b"], ["out"], cout=cout, **attrs)]
+    cache_type = TensorProto.FLOAT16 if f16 else TensorProto.FLOAT
+    sessions = [
+        _graph_session(unfused, list(feeds), [numpy_helper.from_array(matrix, "w"),
+                                              numpy_helper.from_array(bias, "b")] + epi_inits, cache_type, threads),
+        _graph_session(fused, list(feeds), [numpy_helper.from_array(ops.pack_weight(matrix), "w"),
+                                            numpy_helper.from_array(bias, "b")] + epi_inits, cache_type, threads),
+    ]
+    times: list[list[float]] = [[], []]
+    for _ in range(rounds):
+        for j, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[j].append(time.perf_counter() - t0)
+    a, b = (min(x) * 1e3 for x in times)
+    print(f"{label:36s} M {len(idx) * t * t:6d} K {9 * c:5d} N {cout:5d}: TileGather+MatMul {a:7.2f} ms  "
+          f"TileConv {b:7.2f} ms  {a / b:.2f}x")
 
 
 def _session(lib: str, node, names: list[str], inits, cache_type: int, threads: int) -> ort.InferenceSession:
@@ -83,11 +154,19 @@ def run_case(libs: list[str], op: str, case: tuple, threads: int, rounds: int, t
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("lib_a")
-    ap.add_argument("lib_b")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("lib_a", nargs="?")
+    ap.add_argument("lib_b", nargs="?")
+    ap.add_argument("--fusion", action="store_true", help="TileGather+MatMul vs TileConv (installed library)")
+    ap.add_argument("--threads", type=int, default=None, help="intra-op threads [1; --fusion: 2]")
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
+    if args.fusion:
+        for case in FUSION_CASES:
+            run_fusion_case(case, args.threads or 2, args.rounds)
+        return
+    if not (args.lib_a and args.lib_b):
+        ap.error("give two library paths, or --fusion")
+    args.threads = args.threads or 1
     for op in ("TileGather", "TileConv"):
         for case in CASES:
             run_case([args.lib_a, args.lib_b], op, case, args.threads, args.rounds)

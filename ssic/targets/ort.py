@@ -147,3 +147,7 @@ class OrtBackend(Backend):
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()
+
+    def release(self, which: str) -> None:
+        with self._lock:
+            self._sessions.pop(which, None)
