@@ -19,7 +19,7 @@ import torch
 import ssic
 from ssic.artefact import read_manifest
 from ssic.errors import SSICError
-from ssic.options import CompileOptions, resolve_options
+from ssic.options import FAMILY_DEFAULTS, CompileOptions, resolve_options
 
 
 class Net(torch.nn.Module):
@@ -178,7 +178,7 @@ def test_precedence_given_over_metadata_over_family():
     meta = {"ssic.model": "ddim", "ssic.mask_radius": "3"}
     o = resolve_options({}, meta)
     assert (o.mask_radius, o.sources["mask_radius"]) == (3, "metadata")
-    assert (o.sparse_min_res, o.sources["sparse_min_res"]) == (32, "family:ddim")
+    assert (o.sparse_min_res, o.sources["sparse_min_res"]) == (FAMILY_DEFAULTS["ddim"]["sparse_min_res"], "family:ddim")
     o = resolve_options({"mask_radius": 7}, meta)
     assert (o.mask_radius, o.sources["mask_radius"]) == (7, "given")
     assert resolve_options({"exact": True}, meta).mask_radius == 0
