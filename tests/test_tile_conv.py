@@ -132,16 +132,6 @@ def test_pack_unpack_roundtrip():
     np.testing.assert_array_equal(ops.unpack_weight(p, 35), w)
 
 
-def _compile(model: Path, out: Path, *extra: str) -> Path:
-    from click.testing import CliRunner
-
-    from ssic.cli import cli
-
-    res = CliRunner().invoke(cli, ["compile", str(model), "-o", str(out), *extra])
-    assert res.exit_code == 0, res.output
-    return out
-
-
 @pytest.mark.parametrize("family", ["gaugan", "realesrgan"])
 def test_pass_fuses_and_keeps_the_output(tmp_path, family):
     """The tiny GauGAN (plain convs, SPADE biases) and Real-ESRGAN (RRDB: concat-part Gemm chains)
@@ -163,8 +153,8 @@ def test_pass_fuses_and_keeps_the_output(tmp_path, family):
                                       ["image_x4"], tmp_path / "rrdb.onnx")
     else:
         model = export_model(family, "tiny", tmp_path / f"{family}.onnx", seed=0)
-    fused = _compile(model, tmp_path / "fused.ssic")
-    plain = _compile(model, tmp_path / "plain.ssic", "--disable-pass", "fuse-tile-conv")
+    fused = ssic.compile(model, output_dir=tmp_path / "fused.ssic")
+    plain = ssic.compile(model, output_dir=tmp_path / "plain.ssic", disabled_passes=["fuse-tile-conv"])
     ops_fused = [n.op_type for n in onnx.load(str(fused / "sparse.onnx"), load_external_data=False).graph.node]
     ops_plain = [n.op_type for n in onnx.load(str(plain / "sparse.onnx"), load_external_data=False).graph.node]
     assert "TileConv" not in ops_plain

@@ -47,24 +47,26 @@ FUSION_CASES = [  # label, H, W, C, cout, active fraction, float16 cache, activa
 ]
 
 
-def _graph_session(nodes, names: list[str], inits, cache_type: int, threads: int) -> ort.InferenceSession:
-    from ssic.library import get_library_path
+def _session(lib: str, nodes, names: list[str], inits, cache_type: int, threads: int) -> ort.InferenceSession:
+    """An ONNX Runtime session of ``nodes`` (graph inputs ``names``, output ``out``) with library ``lib``."""
 
     def kind(n: str) -> int:
         return TensorProto.INT64 if "idx" in n else cache_type if n == "cache" else TensorProto.FLOAT
 
     vis = [helper.make_tensor_value_info(n, kind(n), None) for n in names]
     out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
-    model = helper.make_model(helper.make_graph(nodes, "fusion", vis, out, inits),
+    model = helper.make_model(helper.make_graph(nodes, "ab", vis, out, inits),
                               opset_imports=ops.opset_imports(), ir_version=10)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
-    so.register_custom_ops_library(get_library_path())
+    so.register_custom_ops_library(lib)
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def run_fusion_case(case: tuple, threads: int, rounds: int, t: int = 2) -> None:
-    label, h, w, c, cout, frac, f16, act, affine = case
+def _feeds(case: tuple, t: int) -> tuple[np.random.Generator, dict[str, np.ndarray]]:
+    """The case's tile corners (a seeded ``frac`` of the grid, used as both source and output tiles),
+    new tiles and cache; returns the generator for the case's weights."""
+    _, h, w, c, _, frac, f16, _, _ = case
     rng = np.random.default_rng(0)
     cells = [(y, x) for y in range(0, h, t) for x in range(0, w, t)]
     chosen = sorted(rng.choice(len(cells), max(1, int(len(cells) * frac)), replace=False))
@@ -72,6 +74,25 @@ def run_fusion_case(case: tuple, threads: int, rounds: int, t: int = 2) -> None:
     feeds = dict(tiles=rng.standard_normal((len(idx) * t * t, c)).astype(np.float32),
                  cache=rng.standard_normal((h, w, c)).astype(np.float16 if f16 else np.float32),
                  src_idx=idx, dst_idx=idx)
+    return rng, feeds
+
+
+def _alternate(sessions: list, feeds: dict, rounds: int) -> list[float]:
+    """Min milliseconds of each session over ``rounds`` rounds that run them one after the other."""
+    times: list[list[float]] = [[] for _ in sessions]
+    for _ in range(rounds):
+        for j, s in enumerate(sessions):
+            t0 = time.perf_counter()
+            s.run(None, feeds)
+            times[j].append(time.perf_counter() - t0)
+    return [min(x) * 1e3 for x in times]
+
+
+def run_fusion_case(case: tuple, threads: int, rounds: int, t: int = 2) -> None:
+    from ssic.library import get_library_path
+
+    label, _, _, c, cout, _, f16, act, affine = case
+    rng, feeds = _feeds(case, t)
     matrix = (rng.standard_normal((9 * c, cout)) * 0.05).astype(np.float32)
     bias = rng.standard_normal(cout).astype(np.float32)
     epi = ["scale", "shift"] if affine else []
@@ -82,46 +103,22 @@ def run_fusion_case(case: tuple, threads: int, rounds: int, t: int = 2) -> None:
                helper.make_node("MatMul", ["cols", "w"], ["mm"]), helper.make_node("Add", ["mm", "b"], ["out"])]
     fused = [ops.make_node("TileConv", src + ["w"] + (epi or ["", ""]) + ["b"], ["out"], cout=cout, **attrs)]
     cache_type = TensorProto.FLOAT16 if f16 else TensorProto.FLOAT
+    lib, b_init = get_library_path(), numpy_helper.from_array(bias, "b")
     sessions = [
-        _graph_session(unfused, list(feeds), [numpy_helper.from_array(matrix, "w"),
-                                              numpy_helper.from_array(bias, "b")] + epi_inits, cache_type, threads),
-        _graph_session(fused, list(feeds), [numpy_helper.from_array(ops.pack_weight(matrix), "w"),
-                                            numpy_helper.from_array(bias, "b")] + epi_inits, cache_type, threads),
+        _session(lib, unfused, list(feeds), [numpy_helper.from_array(matrix, "w"), b_init] + epi_inits,
+                 cache_type, threads),
+        _session(lib, fused, list(feeds), [numpy_helper.from_array(ops.pack_weight(matrix), "w"), b_init] + epi_inits,
+                 cache_type, threads),
     ]
-    times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for j, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[j].append(time.perf_counter() - t0)
-    a, b = (min(x) * 1e3 for x in times)
-    print(f"{label:36s} M {len(idx) * t * t:6d} K {9 * c:5d} N {cout:5d}: TileGather+MatMul {a:7.2f} ms  "
+    a, b = _alternate(sessions, feeds, rounds)
+    m = len(feeds["dst_idx"]) * t * t
+    print(f"{label:36s} M {m:6d} K {9 * c:5d} N {cout:5d}: TileGather+MatMul {a:7.2f} ms  "
           f"TileConv {b:7.2f} ms  {a / b:.2f}x")
 
 
-def _session(lib: str, node, names: list[str], inits, cache_type: int, threads: int) -> ort.InferenceSession:
-    def kind(n: str) -> int:
-        return TensorProto.INT64 if "idx" in n else cache_type if n == "cache" else TensorProto.FLOAT
-
-    vis = [helper.make_tensor_value_info(n, kind(n), None) for n in names]
-    out = [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)]
-    model = helper.make_model(helper.make_graph([node], "ab", vis, out, inits),
-                              opset_imports=ops.opset_imports(), ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.register_custom_ops_library(lib)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
 def run_case(libs: list[str], op: str, case: tuple, threads: int, rounds: int, t: int = 2) -> None:
-    label, h, w, c, cout, frac, f16, act, affine = case
-    rng = np.random.default_rng(0)
-    cells = [(y, x) for y in range(0, h, t) for x in range(0, w, t)]
-    chosen = sorted(rng.choice(len(cells), max(1, int(len(cells) * frac)), replace=False))
-    idx = np.array([cells[i] for i in chosen], np.int64)
-    feeds = dict(tiles=rng.standard_normal((len(idx) * t * t, c)).astype(np.float32),
-                 cache=rng.standard_normal((h, w, c)).astype(np.float16 if f16 else np.float32),
-                 src_idx=idx, dst_idx=idx)
+    label, _, _, c, cout, _, f16, act, affine = case
+    rng, feeds = _feeds(case, t)
     inputs, inits = ["tiles", "cache", "src_idx", "dst_idx"], []
     attrs = dict(src_tile=t, tile=t, kernel=3, pad_top=1, pad_left=1, activation=act)
     if op == "TileConv":
@@ -136,18 +133,12 @@ def run_case(libs: list[str], op: str, case: tuple, threads: int, rounds: int, t
     node = ops.make_node(op, inputs, ["out"], **attrs)
     cache_type = TensorProto.FLOAT16 if f16 else TensorProto.FLOAT
     try:
-        sessions = [_session(lib, node, list(feeds), inits, cache_type, threads) for lib in libs]
+        sessions = [_session(lib, [node], list(feeds), inits, cache_type, threads) for lib in libs]
     except Exception as e:  # noqa: BLE001 - e.g. an older build without TileConv
         print(f"{op:10s} {label:40s} skipped: {str(e).splitlines()[0][:80]}")
         return
     results = [s.run(None, feeds)[0] for s in sessions]
-    times: list[list[float]] = [[], []]
-    for _ in range(rounds):
-        for j, s in enumerate(sessions):
-            t0 = time.perf_counter()
-            s.run(None, feeds)
-            times[j].append(time.perf_counter() - t0)
-    a, b = (min(x) * 1e3 for x in times)
+    a, b = _alternate(sessions, feeds, rounds)
     diff = float(np.abs(results[0] - results[1]).max())
     print(f"{op:10s} {label:40s} A {a:7.2f} ms  B {b:7.2f} ms  A/B {a / b:.2f}x  max diff {diff:.1e}")
 

@@ -25,12 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.ops import DOMAIN, TILE_CONV, pack_weight
-
-
-def _const(value: ir.Value | None) -> np.ndarray | None:
-    if value is None or value.const_value is None:
-        return None
-    return value.const_value.numpy()
+from ssic.passes.sparsify.context import const_array as _const
 
 
 def _only_use(value: ir.Value) -> tuple[ir.Node, int] | None:
