@@ -227,18 +227,21 @@ def report(results: dict, path: Path, cmd: str) -> None:
              "ONNX Runtime on the exported model; sparse = ssic's fused lowering (C++ ops); measured "
              "alternately in one process after a warm-up, median of "
              f"{results['runs']} runs. Quality: sparse output against the dense model on the edited "
-             "input, PSNR (peak 2) inside and outside the (dilated) edit mask, beside doing nothing.", "",
+             "input, PSNR (peak 2) inside and outside the (dilated) edit mask, beside doing nothing. Prime / dense: "
+             "one warm prime run (the dense run that also writes the caches) over the dense median; commit: "
+             "folding the edit into the caches (`Session.commit`, incremental or a re-prime).", "",
              f"Generated {results['date']} in {results['seconds'] / 60:.0f} min.", "",
              "![speedup vs edited area](bench/results/speedup.png)", "",
              "| model | variant | edit | edited | tiles active | dense ms | sparse ms | speedup | MAC ratio | "
-             "efficiency | PSNR in | PSNR out (nothing) | max abs err | caches MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "efficiency | PSNR in | PSNR out (nothing) | max abs err | caches MB | prime / dense | commit ms |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} | {r['variant']} | {r['edit']} | {100 * r['edited_fraction']:.1f}% | "
             f"{100 * r['active_fraction']:.1f}% | {r['dense_ms']:.0f} | {r['sparse_ms']:.0f} | **{r['speedup']:.2f}x** | "
             f"{r['mac_ratio']:.2f}x | {r['efficiency']:.2f} | {fmt(r['psnr_in'])} | {fmt(r['psnr_out'], 2)} "
-            f"({fmt(r['psnr_nothing_out'], 2)}) | {r['max_abs_err']:.3g} | {r['cache_mb']:.0f} |")
+            f"({fmt(r['psnr_nothing_out'], 2)}) | {r['max_abs_err']:.3g} | {r['cache_mb']:.0f} | "
+            f"{r['prime_ms'] / r['dense_ms']:.2f}x | {r['commit_ms']:.0f} ({r['commit_mode']}) |")
     lines += ["", "## Where the time goes (one sparse run, ms per op type)", ""]
     for r in rows:
         if "profile_ms" in r:

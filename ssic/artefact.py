@@ -137,6 +137,15 @@ class LayerDecision(_Strict):
     grid: str | None = None
 
 
+class DenseOpSpec(_Strict):
+    """A node without a tile rule that reads a sparse value: its inputs are scattered into full maps
+    (``ssic::TileScatter``) and it runs on them at every edit (a row of ``ssic inspect``)."""
+
+    node: str
+    op_type: str
+    reason: str
+
+
 class MacsSpec(_Strict):
     """Multiply-accumulates: ``dense`` of the whole model; a sparse run costs ``sparse_fixed`` plus
     ``per_tile[grid]`` for every active tile of that grid (see :meth:`Manifest.sparse_macs`)."""
@@ -183,6 +192,7 @@ class Manifest(_Strict):
     caches: list[CacheEntry]
     macs: MacsSpec
     layers: list[LayerDecision]
+    dense_ops: list[DenseOpSpec] = Field(default_factory=list)
     options: CompileOptions
     passes: list[dict[str, Any]] = Field(default_factory=list)  # name, milliseconds, modified
     custom_op_library: OpLibrary | None = None

@@ -259,8 +259,8 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
 
         manifest = read_manifest(p)
         if as_json:
-            data = manifest.model_dump(include={"target", "lowering", "exact", "grids", "macs", "layers", "inputs",
-                                                "outputs", "mask", "options"})
+            data = manifest.model_dump(include={"target", "lowering", "exact", "grids", "macs", "layers", "dense_ops",
+                                                "inputs", "outputs", "mask", "options"})
             click.echo(json.dumps(data | {"caches": len(manifest.caches), "cache_bytes": manifest.cache_bytes()}))
             return
         click.echo(f"artefact {p}: target {manifest.target}, lowering {manifest.lowering}, "
@@ -282,6 +282,13 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
             chans = f"{layer.channels[0]:>4}->{layer.channels[1]:<4}" if any(layer.channels) else " " * 10
             click.echo(f"  {flag} {layer.node:<40} {layer.kind:<9} {chans} {layer.macs_dense / 1e6:>9.1f} MMACs  "
                        f"{layer.reason}")
+        if manifest.dense_ops:
+            click.echo(f"  {len(manifest.dense_ops)} other node(s) read sparse values but run dense on full-size maps "
+                       "(their inputs scattered at every edit):")
+            for op in manifest.dense_ops:
+                click.echo(f"  dense  {op.node:<40} {op.op_type:<9} {op.reason}")
+        else:
+            click.echo("  every other node that reads a sparse value runs on tiles")
         return
     import onnx
 

@@ -23,6 +23,7 @@ import onnx_ir as ir
 from ssic import __version__
 from ssic.artefact import (
     CacheEntry,
+    DenseOpSpec,
     GridSpec,
     LayerDecision,
     MacsSpec,
@@ -538,6 +539,7 @@ def _manifest(state: CompileState, metadata: dict[str, str]) -> Manifest:
                       sparse_convs_dense=sparse_conv_dense, per_tile=per_tile,
                       by_op_type=macs.get("macs_by_op_type", {})),
         layers=[LayerDecision(**d.to_json()) for d in result.decisions] + _other_mac_nodes(proto, macs, result),
+        dense_ops=[DenseOpSpec(**d.to_json()) for d in result.dense_ops],
         options=opts, passes=state.passes, custom_op_library=library,
     )
 

@@ -65,10 +65,11 @@ class OrtBackend(Backend):
                 so.intra_op_num_threads = int(self.threads)
                 so.inter_op_num_threads = 1
         if which == "prime":
-            # the caches are graph outputs held for the session's life: from ONNX Runtime's arena (which
-            # grows by doubling) they cost up to twice their size (Real-ESRGAN x4plus at 512x512 input:
-            # 7.9 GB of caches, 20.4 GB peak RSS, killed on a 24 GB machine); plain allocations fit them
-            so.enable_cpu_mem_arena = False
+            # the caches are written into buffers run_prime allocates (outside ONNX Runtime's arena, which
+            # grows by doubling: Real-ESRGAN x4plus at 512x512 input, 7.9 GB of caches, peaked at 20.4 GB
+            # with them in it); the intermediates use the arena as a dense run does. Without it every
+            # intermediate was a fresh allocation whose pages fault on first touch: a prime cost 1.3x a
+            # dense run on DDIM and 2x on OIDN at 1024x1024, 1.05x and 1.0x with it (BENCHMARKS.md).
             so.enable_mem_pattern = False
         if which in ("sparse", "mask"):
             # every edit has other tile counts, so other shapes: ONNX Runtime would keep one memory
@@ -104,13 +105,19 @@ class OrtBackend(Backend):
         io = sess.io_binding()
         for name, arr in inputs.items():
             io.bind_cpu_input(name, arr)
-        names = [o.name for o in sess.get_outputs()]
-        for name in names:
+        # each cache is written straight into a buffer of its own (numpy-owned, outside the arena), which
+        # the sparse graph then binds; the model's outputs come from the arena
+        caches = {}
+        for c in self.manifest.caches:
+            value = self._ort.OrtValue.ortvalue_from_numpy(np.empty(c.shape, np.dtype(c.dtype)))
+            io.bind_ortvalue_output(c.name, value)
+            caches[c.name] = value
+        outputs = [n for n in self.output_names if n not in caches]
+        for name in outputs:
             io.bind_output(name, "cpu")
         sess.run_with_iobinding(io)
-        values = dict(zip(names, io.get_outputs(), strict=True))
+        values = dict(zip(outputs, io.get_outputs()[len(caches):], strict=True)) | caches
         outputs = {n: values[n].numpy() for n in self.output_names}
-        caches = {n: values[n] for n in self.cache_names}
         nbytes = self.manifest.cache_bytes()
         return outputs, caches, nbytes
 

@@ -126,3 +126,53 @@ def test_more_pointwise_ops_on_tiles(tmp_path, name):
     assert op_counts(sparse)["TileScatter"] == 1
     sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
     assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0, 1))) < 0.6
+
+
+def transfer_net():
+    """OIDN's input and output transfer functions around two convs: Clip, LessOrEqual, Pow, Where on the
+    graph input (before any conv) and on the last conv's output."""
+    rng = np.random.default_rng(5)
+    nodes = [helper.make_node("Clip", ["x", "zero", "one"], ["xc"]),
+             helper.make_node("LessOrEqual", ["xc", "knee"], ["low"]),
+             helper.make_node("Mul", ["xc", "slope"], ["lin"]),
+             helper.make_node("Pow", ["xc", "gamma"], ["curve"]),
+             helper.make_node("Where", ["low", "lin", "curve"], ["xt"]),
+             helper.make_node("Conv", ["xt", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Conv", ["ar", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Greater", ["b", "zero"], ["pos"]),
+             helper.make_node("Neg", ["b"], ["nb"]),
+             helper.make_node("Where", ["pos", "b", "nb"], ["y"])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 3, 8, 3)
+    inits |= {"zero": np.array(0, np.float32), "one": np.array(1, np.float32), "knee": np.array(0.1, np.float32),
+              "slope": np.array([2.0, 3.0, 4.0], np.float32).reshape(1, 3, 1, 1), "gamma": np.array(0.5, np.float32)}
+    return model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+
+
+def test_transfer_functions_run_on_tiles(tmp_path):
+    """Element-wise ops on the graph input run on its active tiles (they ran on the whole image at every
+    edit: OIDN at 1024x1024, a quarter of a 1.2% edit); comparisons feeding Where run on tiles too."""
+    m = transfer_net()
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    assert result.dense_ops == [] and ops["TileScatter"] == 1 and ops["Where"] == 2
+    assert all(n.op_type not in ("Pow", "Where", "LessOrEqual") or n.name.startswith("ssic/") for n in sparse.graph)
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    x_shape = [1, 3, H, W]
+    fractions = assert_edits_match_dense(sess, "x", x_shape, seeds=(0, 1))
+    assert max(fractions) < 0.7
+
+
+def test_comparison_read_elsewhere_stays_dense(tmp_path):
+    """A comparison whose boolean output is a graph output is never a boolean tile tensor: it runs dense."""
+    rng = np.random.default_rng(6)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Greater", ["a", "zero"], ["pos"]),
+             helper.make_node("Cast", ["pos"], ["y"], to=1)]
+    inits = conv_params(rng, "a", 3, 3, 3) | {"zero": np.array(0, np.float32)}
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    _, result = rewrite(m, min_res=16)
+    assert ("Greater", "a comparison read by other than Where's condition") in [(d.op_type, d.reason)
+                                                                                for d in result.dense_ops]
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0,))

@@ -150,3 +150,53 @@ def test_graph_halo_follows_the_receptive_field_through_explicit_pads():
     m = model(nodes, {"x": [1, 3, 16, 16]}, {"y": [1, 3, 16, 16]}, inits)
     m = onnx.shape_inference.infer_shapes(m)
     assert chain_halos(ir.serde.deserialize_model(m))[(16, 16)] == 2
+
+
+def unet_pool_net(pool: str, opset: int):
+    """OIDN-like: conv -> ReLU -> 2x2/s2 pool -> conv -> nearest x2 -> concat with the skip -> conv."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node(pool, ["ar"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p", "b_w", "b_b"], ["b"], pads=[1, 1, 1, 1]),
+             helper.make_node("Resize", ["b", "", "scales"], ["u"], mode="nearest",
+                              coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+             helper.make_node("Concat", ["u", "ar"], ["cat"], axis=1),
+             helper.make_node("Conv", ["cat", "c_w", "c_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 8, 8, 3) | conv_params(rng, "c", 3, 16, 3)
+    inits["scales"] = np.array([1, 1, 2, 2], np.float32)
+    return model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits, opset=opset)
+
+
+@pytest.mark.parametrize("pool,opset", [("MaxPool", 18), ("MaxPool", 17), ("AveragePool", 13)])
+def test_pools_run_on_tiles(tmp_path, pool, opset):
+    """A 2x2/s2 pool is a gather + ReduceMax/ReduceMean on tiles (it ran dense behind a full-size
+    TileScatter: OIDN at 1024x1024 spent a third of a 1.2% edit there), in the opset's Reduce form."""
+    m = unet_pool_net(pool, opset)
+    sparse, result = rewrite(m, min_res=16)
+    ops = op_counts(sparse)
+    reduce = "ReduceMax" if pool == "MaxPool" else "ReduceMean"
+    assert ops[pool] == 0 and ops[reduce] == 1 and result.dense_ops == []
+    assert ops["TileScatter"] == 1  # the output only
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert max(assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0, 1))) < 0.7
+
+
+def test_padded_max_pool_stays_dense_and_exact(tmp_path):
+    """A padded MaxPool (its padding is -inf, not the gather's zeros) is refused with a reason, runs dense, stays exact."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("MaxPool", ["a"], ["p"], kernel_shape=[3, 3], strides=[1, 1], pads=[1, 1, 1, 1]),
+             helper.make_node("Conv", ["p", "b_w", "b_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", 8, 3, 3) | conv_params(rng, "b", 3, 8, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    _, result = rewrite(m, min_res=16)
+    assert [(d.op_type, d.reason) for d in result.dense_ops] == [("MaxPool", "only square, unpadded pools")]
+    sess, art = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0,))
+    from click.testing import CliRunner
+
+    from ssic.cli import cli
+
+    out = CliRunner().invoke(cli, ["inspect", str(art)]).output
+    assert "1 other node(s) read sparse values but run dense" in out and "only square, unpadded pools" in out

@@ -457,18 +457,5 @@ class ConvTransposeRule(Rule):
         return pooled
 
 
-class MaxPoolRule(Rule):
-    """``MaxPool`` runs dense; exact mode knows its window."""
-
-    op_types = ("MaxPool",)
-
-    def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
-        return Refusal("MaxPool has no tile rule (runs dense)")
-
-    def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
-        return window_mask(node, masks, list(node.attributes.get_ints("kernel_shape", [])))
-
-
 register(ConvRule())
 register(ConvTransposeRule())
-register(MaxPoolRule())

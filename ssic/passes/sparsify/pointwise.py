@@ -24,6 +24,7 @@ ELEMENTWISE_UNARY = (
     "Sqrt", "Erf", "Gelu", "Reciprocal", "Mish",
 )
 ELEMENTWISE_BINARY = ("Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "PRelu")
+COMPARISONS = ("Less", "LessOrEqual", "Greater", "GreaterOrEqual", "Equal")
 
 
 def pointwise_mask(node: ir.Node, masks: MaskGraph) -> str | None:
@@ -155,25 +156,53 @@ class AffineRule(PointwiseRule):
             channel_map(node, ctx, rep, lambda t: ctx.compose(t, add=vec))
 
 
-class ElementwiseRule(PointwiseRule):
-    """An element-wise op on tile tensors: spatial operands as tiles, per-channel/scalar ones as vectors."""
+def _operand_refusal(v: ir.Value, ctx: SparsifyContext, grid, channels: int) -> str | None:
+    """Why operand ``v`` cannot enter an element-wise op on ``grid``'s tiles (None: it can)."""
+    rep, shape = ctx.rep(v), static_shape(v)
+    if rep.sparse or (shape is not None and spatial_hw(v) == (grid.height, grid.width)):
+        return None if rep.tileable_on(grid) else f"operand {v.name} cannot be tiled on grid {grid.name}"
+    if (shape is not None and math.prod(shape) == 1) or per_channel_ok(v, channels):
+        return None
+    return f"operand {v.name} is neither spatial, per-channel nor scalar"
 
-    op_types = ELEMENTWISE_UNARY + ELEMENTWISE_BINARY
+
+class ElementwiseRule(PointwiseRule):
+    """An element-wise op on tile tensors: spatial operands as tiles, per-channel/scalar ones as vectors.
+
+    Also on a graph input at a sparse resolution (an image's transfer function or normalisation before the
+    first conv, OIDN's sRGB curve): the op then runs on the input's active tiles, not on the whole image,
+    and the next conv reads the prime run's result elsewhere (a cache). Comparisons run on tiles when
+    only ``Where`` conditions read them (a boolean tile tensor is never scattered into a full map).
+    """
+
+    op_types = ELEMENTWISE_UNARY + ELEMENTWISE_BINARY + COMPARISONS + ("Where",)
+    needs_sparse_input = False
 
     def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
         grid = ctx.grid_of_output(node)
         out_shape = static_shape(node.outputs[0])
-        if grid is None or out_shape is None or len(node.outputs) != 1:
+        if grid is None or out_shape is None or len(node.outputs) != 1 or len(out_shape) != 4:
             return Refusal("output is not at a sparse resolution")
-        for v in node.inputs:
-            if v is None:
-                continue
-            rep, shape = ctx.rep(v), static_shape(v)
-            if rep.sparse or (shape is not None and spatial_hw(v) == (grid.height, grid.width)):
-                if not rep.tileable_on(grid):
-                    return Refusal(f"operand {v.name} cannot be tiled on grid {grid.name}")
-            elif not (shape is not None and math.prod(shape) == 1) and not per_channel_ok(v, out_shape[1]):
-                return Refusal(f"operand {v.name} is neither spatial, per-channel nor scalar")
+        operands = [v for v in node.inputs if v is not None]
+        if not any(ctx.rep(v).sparse for v in operands):
+            spatial = [v for v in operands if static_shape(v) is not None and spatial_hw(v) == (grid.height, grid.width)]
+            if not spatial or not all(v.is_graph_input() for v in spatial):
+                return Refusal("no sparse input")
+        for v in operands:
+            why = _operand_refusal(v, ctx, grid, out_shape[1])
+            if why:
+                return Refusal(why)
+        if node.op_type in COMPARISONS:
+            out = node.outputs[0]
+            users = [u.node for u in out.uses()]
+            if out.is_graph_output() or not users or any(
+                    u.op_type != "Where" or u.inputs[0] is not out or u.inputs[1] is out or u.inputs[2] is out
+                    or static_shape(u.outputs[0]) != out_shape for u in users):
+                return Refusal("a comparison read by other than Where's condition")
+            for u in users:
+                for v in u.inputs[1:]:
+                    if v is not None and v is not out and _operand_refusal(v, ctx, grid, out_shape[1]):
+                        return Refusal("a comparison whose Where cannot run on tiles")
         return None
 
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:

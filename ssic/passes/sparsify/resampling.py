@@ -1,8 +1,8 @@
-"""Resampling and padding rules: Resize (nearest, integer factor), AveragePool, Pad (zero).
+"""Resampling and padding rules: Resize (nearest, integer factor), AveragePool and MaxPool, Pad.
 
 A nearest upsample or a zero pad is not computed: it becomes a :class:`LazyResample` that the next
 conv's gather folds into its index arithmetic (``upsample``, ``pad_top``/``pad_left``). A k x k /
-stride k average pool is a gather of k*k columns and a mean.
+stride s average or max pool is a gather of k*k columns and a mean or max.
 """
 
 from __future__ import annotations
@@ -75,10 +75,12 @@ class ResizeRule(Rule):
         return result
 
 
-class AveragePoolRule(Rule):
-    """k x k / stride k ``AveragePool`` without padding: a gather of k*k columns and a mean."""
+class PoolRule(Rule):
+    """Square, unpadded ``AveragePool`` / ``MaxPool`` (any stride): a gather of the k*k window columns and
+    a ``ReduceMean`` / ``ReduceMax`` over them, on tiles. Padded pools run dense (their padding is not
+    zeros: -inf for max, excluded from the mean unless ``count_include_pad``)."""
 
-    op_types = ("AveragePool",)
+    op_types = ("AveragePool", "MaxPool")
 
     def check(self, node: ir.Node, ctx: SparsifyContext) -> Refusal | None:
         grid = ctx.grid_of_output(node)
@@ -87,11 +89,15 @@ class AveragePoolRule(Rule):
         pads = node.attributes.get_ints("pads", [0, 0, 0, 0])
         if grid is None or static_shape(node.inputs[0]) is None:
             return Refusal("output is not at a sparse resolution")
+        if len(node.outputs) > 1 and (node.outputs[1].uses() or node.outputs[1].is_graph_output()):
+            return Refusal("MaxPool's indices are read")
+        if any(d != 1 for d in node.attributes.get_ints("dilations", [1, 1])):
+            return Refusal("dilated pool")
         if len(kernel) != 2 or kernel[0] != kernel[1] or any(pads) or node.attributes.get_int("ceil_mode", 0) \
                 or node.attributes.get_string("auto_pad", "NOTSET") not in ("NOTSET", "") or len(set(strides)) != 1:
-            return Refusal("only square, unpadded average pools")
+            return Refusal("only square, unpadded pools")
         if not isinstance(ctx.rep(node.inputs[0]), TileValue):
-            return Refusal("average pool of a resampled value")
+            return Refusal("pool of a resampled value")
         return None
 
     def rewrite(self, node: ir.Node, ctx: SparsifyContext) -> None:
@@ -102,7 +108,11 @@ class AveragePoolRule(Rule):
         cols = ctx.gather(rep, grid, kernel=k, stride=node.attributes.get_ints("strides", [1, 1])[0], pads=(0, 0),
                           upsample=1, channels=c, hint="pool_gather")
         grouped = ctx.add("Reshape", [cols, ctx.i64([-1, k * k, c], "shape")])
-        y = ctx.add("ReduceMean", [grouped, ctx.i64([1], "axes")], {"keepdims": 0}, name_hint="pool_mean")
+        reduce = "ReduceMax" if node.op_type == "MaxPool" else "ReduceMean"
+        if ctx.opset >= 18:
+            y = ctx.add(reduce, [grouped, ctx.i64([1], "axes")], {"keepdims": 0}, name_hint="pool_reduce")
+        else:
+            y = ctx.add(reduce, [grouped], {"axes": [1], "keepdims": 0}, name_hint="pool_reduce")
         ctx.set_rep(node.outputs[0], TileValue(grid, y, None, c))
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
@@ -209,7 +219,7 @@ class SpaceToDepthRule(Rule):
 
 
 register(ResizeRule())
-register(AveragePoolRule())
+register(PoolRule())
 register(PadRule())
 register(DepthToSpaceRule())
 register(SpaceToDepthRule())
