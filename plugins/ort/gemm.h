@@ -21,6 +21,13 @@ constexpr int64_t kGemmNr = 16;  // columns per packed panel
 void gemm_packed_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b_packed,
                             float* c, int64_t ldc, int64_t n0, int64_t n1);
 
+// Indirect GEMM: C[0:m, n0:n1] += sum over taps t of A_t[0:m, 0:ch] * B[t*ch:(t+1)*ch, n0:n1], where row r
+// of A_t is the ch floats at rows[r*taps + t]. A convolution's im2col row is never written: each tap points
+// into a source window gathered once (the indirection buffer of M. Dukhan, "The Indirect Convolution
+// Algorithm", 2019). B is packed as for gemm_packed_accumulate with k = taps*ch (tap-major, as im2col).
+void gemm_indirect_accumulate(int64_t m, int64_t n, int64_t taps, int64_t ch, const float* const* rows,
+                              const float* b_packed, float* c, int64_t ldc, int64_t n0, int64_t n1);
+
 // A row stride (floats) for a row-major A of k columns: k rounded up to 16, not a multiple of 4 KiB.
 int64_t gemm_row_stride(int64_t k);
 

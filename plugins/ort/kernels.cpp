@@ -211,107 +211,177 @@ inline int64_t slot_of(int64_t v, int64_t* vals, int64_t& n) {
   return n++;
 }
 
+// Reads source pixels through the gather's epilogue: act(v*scale + shift) of pixel (y, x), from the new
+// tiles where a tile covers it, else from the cache (converted from float16); zeros outside the image.
 template <int64_t Act, bool Affine, typename CacheT>
-void gather_rows(const GatherPlan& plan, int64_t begin, int64_t end, float* out, int64_t ld) {
-  const GatherParams& p = plan.p;
-  const GatherArgs& a = plan.a;
-  const TileGrid& grid = plan.grid;
-  const float* scale = plan.scale;
-  const float* shift = plan.shift;
-  const CacheT* cache = nullptr;
-  if constexpr (std::is_same_v<CacheT, uint16_t>) {
-    cache = a.cache_f16;
-  } else {
-    cache = a.cache;
-  }
-  const int64_t t = p.tile, k = p.kernel, C = a.channels;
-  const bool nhwc = p.src_layout == 0;
-  const int64_t plane = a.hs * a.ws;  // NCHW channel stride
-  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs, p.pad_mode};
-  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws, p.pad_mode};
-  const ActArgs act = act_args(p.alpha);
-  std::vector<float> buf(static_cast<size_t>(C));  // one converted float16 pixel
+struct PixelReader {
+  const GatherPlan& plan;
+  const CacheT* cache;
+  const int64_t C, plane;
+  const bool nhwc;
+  const ActArgs act;
+  std::vector<float> buf;  // one converted float16 pixel
 
-  // act(v*scale + shift) of source pixel (y, x) into dst (zeros outside the image).
-  auto read_pixel = [&](int64_t y, int64_t x, float* dst) {
+  explicit PixelReader(const GatherPlan& pl)
+      : plan(pl), cache(nullptr), C(pl.a.channels), plane(pl.a.hs * pl.a.ws), nhwc(pl.p.src_layout == 0),
+        act(act_args(pl.p.alpha)), buf(static_cast<size_t>(pl.a.channels)) {
+    if constexpr (std::is_same_v<CacheT, uint16_t>) {
+      cache = pl.a.cache_f16;
+    } else {
+      cache = pl.a.cache;
+    }
+  }
+
+  void operator()(int64_t y, int64_t x, float* dst) {
     if (y < 0 || x < 0) {
       std::memset(dst, 0, sizeof(float) * C);
       return;
     }
-    const int32_t j = plan.cells[static_cast<size_t>(pixel_cell(grid, y, x))];
+    const GatherArgs& a = plan.a;
+    const int32_t j = plan.cells[static_cast<size_t>(pixel_cell(plan.grid, y, x))];
     if (j >= 0) {
-      transform<Act, Affine>(a.tiles + tile_row(grid, j, y, x) * C, 1, scale, shift, act, dst, C);
+      transform<Act, Affine>(a.tiles + tile_row(plan.grid, j, y, x) * C, 1, plan.scale, plan.shift, act, dst, C);
     } else if (nhwc) {
-      read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, scale, shift, act, dst, C, buf.data());
+      read_cached<Act, Affine>(cache + (y * a.ws + x) * C, 1, plan.scale, plan.shift, act, dst, C, buf.data());
     } else {
-      read_cached<Act, Affine>(cache + y * a.ws + x, plane, scale, shift, act, dst, C, buf.data());
+      read_cached<Act, Affine>(cache + y * a.ws + x, plane, plan.scale, plan.shift, act, dst, C, buf.data());
     }
-  };
+  }
+};
 
-  // A k x k window reads each source pixel up to k*k times. Where reading costs more than a copy
-  // (swish's exp; the strided reads of an NCHW cache), each output tile's source window is read once
-  // into `window` and its im2col rows are copied from there. Measured (plugins/ort/bench_ab.py, 1 thread): a
-  // float16 cache with GroupNorm + swish gathers 1.4-1.5x faster; relu/leaky relu and F16C conversion
-  // cost about a copy, and there the window's extra copy made the gather 10% slower.
+// The source window of the output tile at (dy, dx): its distinct source rows ys[0:rows_n] and columns
+// xs[0:cols_n] (-1 = outside the image), and for each output row/column q and tap kk the window slot
+// wy[q*k + kk] / wx[q*k + kk] (a k x k window reads each source pixel up to k*k times).
+struct TileWindow {
+  std::vector<int64_t> ys, xs, wy, wx;
+  int64_t rows_n = 0, cols_n = 0;
+
+  explicit TileWindow(int64_t t, int64_t k)
+      : ys(static_cast<size_t>(t * k)), xs(static_cast<size_t>(t * k)), wy(static_cast<size_t>(t * k)),
+        wx(static_cast<size_t>(t * k)) {}
+
+  void locate(const GatherPlan& plan, int64_t dy, int64_t dx) {
+    const GatherParams& p = plan.p;
+    const GatherGeometry gy{p.stride, p.pad_top, p.upsample, plan.a.hs, p.pad_mode};
+    const GatherGeometry gx{p.stride, p.pad_left, p.upsample, plan.a.ws, p.pad_mode};
+    rows_n = cols_n = 0;
+    for (int64_t q = 0; q < p.tile; ++q)
+      for (int64_t kk = 0; kk < p.kernel; ++kk) {
+        wy[q * p.kernel + kk] = slot_of(gather_source(gy, dy, q, kk), ys.data(), rows_n);
+        wx[q * p.kernel + kk] = slot_of(gather_source(gx, dx, q, kk), xs.data(), cols_n);
+      }
+  }
+};
+
+template <int64_t Act, bool Affine, typename CacheT>
+void gather_rows(const GatherPlan& plan, int64_t begin, int64_t end, float* out, int64_t ld) {
+  const GatherParams& p = plan.p;
+  const GatherArgs& a = plan.a;
+  const int64_t t = p.tile, k = p.kernel, C = a.channels;
+  const bool nhwc = p.src_layout == 0;
+  const GatherGeometry gy{p.stride, p.pad_top, p.upsample, a.hs, p.pad_mode};
+  const GatherGeometry gx{p.stride, p.pad_left, p.upsample, a.ws, p.pad_mode};
+  PixelReader<Act, Affine, CacheT> read_pixel(plan);
+
+  // Where reading costs more than a copy (swish's exp; the strided reads of an NCHW cache), each output
+  // tile's source window is read once into `window` and its im2col rows are copied from there. Measured
+  // (plugins/ort/bench_ab.py, 1 thread): a float16 cache with GroupNorm + swish gathers 1.4-1.5x faster;
+  // relu/leaky relu and F16C conversion cost about a copy, and there the window's extra copy made the
+  // gather 10% slower.
   const bool windowed = k > 1 && (Act == kSwish || !nhwc);
-  std::vector<int64_t> ys(static_cast<size_t>(t * k)), xs(static_cast<size_t>(t * k));  // distinct coords
-  std::vector<int64_t> wy(static_cast<size_t>(t * k)), wx(static_cast<size_t>(t * k));  // tap -> slot
+  TileWindow win(t, k);
   std::vector<float> window;
-  int64_t rows_n = 0, cols_n = 0, tile_in_window = -1;
+  int64_t tile_in_window = -1;
   for (int64_t item = begin; item < end; ++item) {
     const int64_t i = item / t, py = item % t;
     const int64_t dy = a.dst_idx[2 * i], dx = a.dst_idx[2 * i + 1];
+    float* rows = out + (item - begin) * t * ld;
     if (!windowed) {
       // direct: each tap read (and converted) where it goes
-      for (int64_t ky = 0; ky < k; ++ky) ys[ky] = gather_source(gy, dy, py, ky);
+      for (int64_t ky = 0; ky < k; ++ky) win.ys[ky] = gather_source(gy, dy, py, ky);
       for (int64_t px = 0; px < t; ++px)
-        for (int64_t kx = 0; kx < k; ++kx) xs[px * k + kx] = gather_source(gx, dx, px, kx);
-      float* rows = out + (item - begin) * t * ld;
+        for (int64_t kx = 0; kx < k; ++kx) win.xs[px * k + kx] = gather_source(gx, dx, px, kx);
       for (int64_t px = 0; px < t; ++px)
         for (int64_t ky = 0; ky < k; ++ky) {
           float* dst = rows + px * ld + ky * k * C;
-          for (int64_t kx = 0; kx < k; ++kx, dst += C) read_pixel(ys[ky], xs[px * k + kx], dst);
+          for (int64_t kx = 0; kx < k; ++kx, dst += C) read_pixel(win.ys[ky], win.xs[px * k + kx], dst);
         }
       continue;
     }
     if (i != tile_in_window) {
-      rows_n = cols_n = 0;
-      for (int64_t q = 0; q < t; ++q)
-        for (int64_t kk = 0; kk < k; ++kk) {
-          wy[q * k + kk] = slot_of(gather_source(gy, dy, q, kk), ys.data(), rows_n);
-          wx[q * k + kk] = slot_of(gather_source(gx, dx, q, kk), xs.data(), cols_n);
-        }
-      window.resize(static_cast<size_t>(rows_n * cols_n * C));
-      for (int64_t r = 0; r < rows_n; ++r)
-        for (int64_t c = 0; c < cols_n; ++c) read_pixel(ys[r], xs[c], window.data() + (r * cols_n + c) * C);
+      win.locate(plan, dy, dx);
+      window.resize(static_cast<size_t>(win.rows_n * win.cols_n * C));
+      for (int64_t r = 0; r < win.rows_n; ++r)
+        for (int64_t c = 0; c < win.cols_n; ++c)
+          read_pixel(win.ys[r], win.xs[c], window.data() + (r * win.cols_n + c) * C);
       tile_in_window = i;
     }
-    float* rows = out + (item - begin) * t * ld;
     for (int64_t px = 0; px < t; ++px) {
       for (int64_t ky = 0; ky < k; ++ky) {
-        const int64_t r = wy[py * k + ky];
+        const int64_t r = win.wy[py * k + ky];
         float* dst = rows + px * ld + ky * k * C;
         for (int64_t kx = 0; kx < k; ++kx, dst += C)
-          std::memcpy(dst, window.data() + (r * cols_n + wx[px * k + kx]) * C, sizeof(float) * C);
+          std::memcpy(dst, window.data() + (r * win.cols_n + win.wx[px * k + kx]) * C, sizeof(float) * C);
       }
     }
   }
 }
 
-template <int64_t Act, bool Affine>
-RowProducer producer_for_cache(bool f16) {
-  return f16 ? gather_rows<Act, Affine, uint16_t> : gather_rows<Act, Affine, float>;
+// TileConv's left-hand side for output tiles [j0, j1): their source windows, each read once through the
+// epilogue into `windows`, and for each of their t*t output rows the k*k tap pointers into them
+// (`taps`, [rows][k*k], the order of an im2col row) for gemm_indirect_accumulate.
+using WindowProducer = void (*)(const GatherPlan& plan, int64_t j0, int64_t j1, std::vector<float>& windows,
+                                std::vector<const float*>& taps);
+
+template <int64_t Act, bool Affine, typename CacheT>
+void gather_windows(const GatherPlan& plan, int64_t j0, int64_t j1, std::vector<float>& windows,
+                    std::vector<const float*>& taps) {
+  const int64_t t = plan.p.tile, k = plan.p.kernel, C = plan.a.channels, kk = k * k;
+  PixelReader<Act, Affine, CacheT> read_pixel(plan);
+  TileWindow win(t, k);
+  thread_local std::vector<size_t> offsets;  // pointers once `windows` has its final size
+  offsets.resize(static_cast<size_t>((j1 - j0) * t * t * kk));
+  size_t used = 0;
+  for (int64_t j = j0; j < j1; ++j) {
+    win.locate(plan, plan.a.dst_idx[2 * j], plan.a.dst_idx[2 * j + 1]);
+    const size_t base = used;
+    used += static_cast<size_t>(win.rows_n * win.cols_n * C);
+    if (windows.size() < used) windows.resize(used);
+    for (int64_t r = 0; r < win.rows_n; ++r)
+      for (int64_t c = 0; c < win.cols_n; ++c)
+        read_pixel(win.ys[r], win.xs[c], windows.data() + base + static_cast<size_t>((r * win.cols_n + c) * C));
+    size_t* o = offsets.data() + static_cast<size_t>((j - j0) * t * t * kk);
+    for (int64_t py = 0; py < t; ++py)
+      for (int64_t px = 0; px < t; ++px)
+        for (int64_t ky = 0; ky < k; ++ky)
+          for (int64_t kx = 0; kx < k; ++kx)
+            *o++ = base + static_cast<size_t>((win.wy[py * k + ky] * win.cols_n + win.wx[px * k + kx]) * C);
+  }
+  taps.resize(offsets.size());
+  for (size_t i = 0; i < offsets.size(); ++i) taps[i] = windows.data() + offsets[i];
+}
+
+// The row and window producers of one (activation, affine, cache type): the channel loops have no branches.
+struct Producers {
+  RowProducer rows = nullptr;
+  WindowProducer windows = nullptr;
+};
+
+template <int64_t Act, bool Affine, typename CacheT>
+Producers producers_of() {
+  return {gather_rows<Act, Affine, CacheT>, gather_windows<Act, Affine, CacheT>};
 }
 
 template <int64_t Act>
-RowProducer producer_for_affine(bool affine, bool f16) {
-  return affine ? producer_for_cache<Act, true>(f16) : producer_for_cache<Act, false>(f16);
+Producers producers_for(bool affine, bool f16) {
+  if (affine) return f16 ? producers_of<Act, true, uint16_t>() : producers_of<Act, true, float>();
+  return f16 ? producers_of<Act, false, uint16_t>() : producers_of<Act, false, float>();
 }
 
 // Validates the arguments, builds the cell map and picks the row producer (activation, affine and
 // cache type are template parameters: the channel loop has no branches).
 std::string plan_gather(const GatherParams& p, const GatherArgs& a, const char* op, GatherPlan& plan,
-                        RowProducer& produce) {
+                        Producers& produce) {
   if ((a.cache == nullptr) == (a.cache_f16 == nullptr))
     return std::string(op) + ": exactly one cache pointer must be set";
   plan.p = p;
@@ -332,10 +402,10 @@ std::string plan_gather(const GatherParams& p, const GatherArgs& a, const char* 
   }
   const bool f16 = a.cache_f16 != nullptr;
   switch (p.activation) {
-    case kIdentity: produce = producer_for_affine<kIdentity>(affine, f16); break;
-    case kRelu: produce = producer_for_affine<kRelu>(affine, f16); break;
-    case kLeakyRelu: produce = producer_for_affine<kLeakyRelu>(affine, f16); break;
-    case kSwish: produce = producer_for_affine<kSwish>(affine, f16); break;
+    case kIdentity: produce = producers_for<kIdentity>(affine, f16); break;
+    case kRelu: produce = producers_for<kRelu>(affine, f16); break;
+    case kLeakyRelu: produce = producers_for<kLeakyRelu>(affine, f16); break;
+    case kSwish: produce = producers_for<kSwish>(affine, f16); break;
     default: return std::string(op) + ": unknown activation " + std::to_string(p.activation);
   }
   return {};
@@ -379,49 +449,45 @@ void scatter_impl(const ScatterParams& p, const ScatterArgs& a, const std::vecto
 
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor) {
   GatherPlan plan;
-  RowProducer produce = nullptr;
+  Producers produce;
   std::string err = plan_gather(p, a, "TileGather", plan, produce);
   if (!err.empty() || a.n == 0) return err;
   const int64_t row_len = p.kernel * p.kernel * a.channels;
   pfor(a.n * p.tile, [&](int64_t begin, int64_t end) {
-    produce(plan, begin, end, a.cols + begin * p.tile * row_len, row_len);
+    produce.rows(plan, begin, end, a.cols + begin * p.tile * row_len, row_len);
   });
   return {};
 }
 
 std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs& c, const ParallelFor& pfor) {
   GatherPlan plan;
-  RowProducer produce = nullptr;
+  Producers produce;
   std::string err = plan_gather(p, a, "TileConv", plan, produce);
-  if (!err.empty()) return err;
-  const int64_t t = p.tile, K = p.kernel * p.kernel * a.channels, N = c.cout;
-  const int64_t items = a.n * t;  // one item = t rows
-  if (items == 0) return {};
-  // Row blocks of up to 96 rows (the gathered block stays in L2 while every column panel multiplies
-  // it); with fewer than 8 blocks the columns are split too (each part gathers its block), so that
-  // the threads stay balanced.
-  // Smaller row counts get smaller blocks (down to 24 rows, four register tiles) so that there are
-  // about 16 of them to balance over the threads without gathering a block twice; up to 96 rows are
-  // one block, whose columns are split instead (the weights are then read once).
-  const int64_t m_rows = items * t;
+  if (!err.empty() || a.n == 0) return err;
+  const int64_t t = p.tile, taps = p.kernel * p.kernel, N = c.cout, tile_rows = t * t;
+  // Blocks of whole output tiles, up to 96 rows: their source windows (read once each, through the
+  // epilogue) stay in L2 while every column panel multiplies them through the tap pointers; no im2col
+  // row is written. Smaller row counts get smaller blocks (down to 24 rows, four register tiles) so that
+  // there are about 16 of them to balance over the threads; up to 96 rows are one block, whose columns
+  // are split instead (with fewer than 8 blocks each part gathers its block, and the weights are read once).
+  const int64_t m_rows = a.n * tile_rows;
   const int64_t block_rows = m_rows <= kConvBlockRows
                                  ? m_rows
                                  : std::max<int64_t>(24, std::min<int64_t>(kConvBlockRows, m_rows / 16));
-  const int64_t per_block = std::max<int64_t>(1, block_rows / t);
-  const int64_t blocks = (items + per_block - 1) / per_block;
+  const int64_t per_block = std::max<int64_t>(1, block_rows / tile_rows);
+  const int64_t blocks = (a.n + per_block - 1) / per_block;
   const int64_t panels = (N + kGemmNr - 1) / kGemmNr;
   const int64_t splits = blocks >= 8 ? 1 : std::min(panels, (8 + blocks - 1) / blocks);
-  const int64_t lda = gemm_row_stride(K);
   pfor(blocks * splits, [&](int64_t begin, int64_t end) {
-    thread_local std::vector<float> rows_buf;
-    int64_t gathered = -1;  // the row block now in rows_buf
+    thread_local std::vector<float> windows;
+    thread_local std::vector<const float*> tap_ptrs;
+    int64_t gathered = -1;  // the block whose windows are in `windows`
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / splits, part = w % splits;
-      const int64_t i0 = b * per_block, i1 = std::min(items, i0 + per_block);
-      const int64_t r0 = i0 * t, rows = (i1 - i0) * t;
+      const int64_t j0 = b * per_block, j1 = std::min(a.n, j0 + per_block);
+      const int64_t r0 = j0 * tile_rows, rows = (j1 - j0) * tile_rows;
       if (gathered != b) {
-        if (rows_buf.size() < static_cast<size_t>(rows * lda)) rows_buf.resize(static_cast<size_t>(rows * lda));
-        produce(plan, i0, i1, rows_buf.data(), lda);
+        produce.windows(plan, j0, j1, windows, tap_ptrs);
         gathered = b;
       }
       const int64_t n0 = panels * part / splits * kGemmNr;
@@ -432,7 +498,7 @@ std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs
         const float* add = c.addend ? c.addend + (r0 + r) * N : nullptr;
         for (int64_t j = n0; j < n1; ++j) yr[j] = (c.bias ? c.bias[j] : 0.0f) + (add ? add[j] : 0.0f);
       }
-      gemm_packed_accumulate(rows, N, K, rows_buf.data(), lda, c.weight, y, N, n0, n1);
+      gemm_indirect_accumulate(rows, N, taps, a.channels, tap_ptrs.data(), c.weight, y, N, n0, n1);
     }
   });
   return {};

@@ -62,7 +62,7 @@ struct ConvArgs {
   float* out;           // [M, cout], M = n*t*t
 };
 
-// Rows per gathered block of TileConv (the block stays in L2 while it is multiplied).
+// Rows per block of TileConv (the block's source windows stay in L2 while it is multiplied).
 constexpr int64_t kConvBlockRows = 96;
 
 // float16 (IEEE binary16 bits) -> float32, exact for every value (subnormals, infinities, NaNs).
@@ -73,7 +73,8 @@ void halfs_to_floats(const uint16_t* src, float* dst, int64_t n);
 
 // Both return an empty string on success, else an error message (no exceptions cross threads).
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor);
-// TileGather's rows multiplied block by block, without the [M, k*k*C] buffer (args.cols unused).
+// TileGather's rows multiplied block by block without forming them: each output tile's source window is
+// read once and the GEMM reads its taps through pointers (gemm_indirect_accumulate; args.cols unused).
 std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs& c, const ParallelFor& pfor);
 std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor);
 
