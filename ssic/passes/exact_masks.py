@@ -78,6 +78,7 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         for o in node.outputs:
             masks[o] = result
 
+    near_edit = None
     for grid in grids:
         parts = []
         everything = False
@@ -104,23 +105,26 @@ def build_exact_mask_model(model: ir.Model, grids: list[Grid], mask_hw: tuple[in
         nz = mg.op("NonZero", [mg.op("Squeeze", [active, mg.const(np.array([0, 1], np.int64))])])
         idx = mg.op("Mul", [mg.op("Transpose", [nz], perm=[1, 0]), mg.const(np.array(t, np.int64))])
         if radius is not None and mask_inputs:
-            idx = _bounded(mg, idx, grid, mask_inputs, mask_hw, radius)
+            if near_edit is None:
+                # the edit grown by the budget once, at the mask's resolution (every grid resizes it):
+                # 32 px on Real-ESRGAN's 128x128 input, not 128 px on each of its 512x512 grids
+                edit = mg.union([mg.resize_any(n, hw, mask_hw) for n, hw in mask_inputs])
+                near_edit = mg.dilate(edit, radius, slack=True)
+            idx = _bounded(mg, idx, grid, near_edit, mask_hw)
         mg.op("Identity", [idx], output=grid.tiles_input)
     return mg.model([(grid.tiles_input, [f"n_{grid.name}", 2]) for grid in grids])
 
 
-def _bounded(mg: MaskGraph, idx: str, grid: Grid, mask_inputs: list[tuple[str, tuple[int, int]]],
-             mask_hw: tuple[int, int], radius: int) -> str:
-    """Bounded exact mode: keep only the tiles of ``idx`` within ``radius`` pixels (of ``mask_hw``,
-    scaled to the grid, rounded up) of the edit itself (the union of the source masks, resized
-    conservatively to the grid). Every value within that distance of the edit whose inputs can have
-    changed is recomputed; beyond it the cache is read, so the error comes only from what the network
-    carries further than ``radius`` (measured by ``ssic compile --calibrate``)."""
+def _bounded(mg: MaskGraph, idx: str, grid: Grid, near_edit: str, mask_hw: tuple[int, int]) -> str:
+    """Bounded exact mode: keep only the tiles of ``idx`` that touch ``near_edit`` (the union of the
+    source masks at ``mask_hw``, grown by at least the radius budget), resized conservatively to the grid (no set
+    pixel is lost: a nearest upsample of the grown edit covers the edit grown by the scaled radius).
+    Every value within that distance of the edit whose inputs can have changed is recomputed; beyond it
+    the cache is read, so the error comes only from what the network carries further than the budget
+    (measured by ``ssic compile --calibrate``)."""
     H, W, t = grid.height, grid.width, grid.tile
     gh, gw = grid.cells
-    edit = mg.union([mg.resize_any(n, hw, (H, W)) for n, hw in mask_inputs])
-    r = max(1, int(-(-radius * max(H / mask_hw[0], W / mask_hw[1]) // 1)))
-    near = mg.dilate(edit, r)
+    near = mg.resize_any(near_edit, mask_hw, (H, W))
     budget = mg.op("MaxPool", [near], kernel_shape=[t, t], strides=[t, t], ceil_mode=1)
     budget = mg.op("Reshape", [budget, mg.const(np.array([gh, gw], np.int64))])
     cells = mg.op("Div", [idx, mg.const(np.array(t, np.int64))])
