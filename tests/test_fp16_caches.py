@@ -16,41 +16,15 @@ import textwrap
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
-from onnx import TensorProto, helper
+from onnx import TensorProto
 
 import ssic
 from ssic import ops
 from ssic.artefact import read_manifest
 from ssic.errors import SSICError
-from ssic.library import get_library_path
-
-_INT = {"src_idx", "dst_idx", "idx"}
-
-
-def _session(op: str, names: list[str], attrs: dict, cache_type: int) -> ort.InferenceSession:
-    """A one-node model of ``op`` whose ``cache`` input has ONNX type ``cache_type``."""
-    node = ops.make_node(op, names, ["out"], **attrs)
-    types = {n: TensorProto.INT64 if n in _INT else cache_type if n == "cache" else TensorProto.FLOAT for n in names}
-    vis = [helper.make_tensor_value_info(n, types[n], None) for n in names if n]
-    graph = helper.make_graph([node], op, vis, [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)])
-    model = helper.make_model(graph, opset_imports=ops.opset_imports(), ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-
-
-def run_op(op: str, feeds: dict, **attrs) -> np.ndarray:
-    names = [i.name for i in ops.OPS[op].inputs]
-    given = [n if feeds.get(n) is not None else "" for n in names]
-    while given[-1] == "":
-        given.pop()
-    cache_type = TensorProto.FLOAT16 if feeds["cache"].dtype == np.float16 else TensorProto.FLOAT
-    sess = _session(op, given, attrs, cache_type)
-    return sess.run(None, {n: feeds[n] for n in given if n})[0]
+from tests.test_ops_kernels import run_op  # one single-node session builder for every kernel test
 
 
 def _corners(rng, h: int, w: int, t: int, frac: float) -> np.ndarray:
@@ -121,7 +95,7 @@ _ALL_HALVES = textwrap.dedent("""
     import json, sys
     import numpy as np
     sys.path.insert(0, sys.argv[1])
-    from test_fp16_caches import run_op
+    from test_ops_kernels import run_op
     halves = np.arange(1 << 16, dtype=np.uint16).view(np.float16)
     want = halves.astype(np.float32)
     def same(got):
