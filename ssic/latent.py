@@ -193,16 +193,23 @@ def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray
     noise = np.random.default_rng(seed).standard_normal((1, 4, h, w)).astype(np.float32)
     fractions: list[float] = []
 
-    # the original: encoder, trajectory (one cache state per step and branch) and decoder primed
+    # the original: encoder, trajectory (one cache state per step and branch) and decoder primed. Each
+    # ONNX Runtime session holds its own copy of the weights (SD's UNet: 3.4 GB) and the prime session
+    # an arena for its intermediates: while priming, no sparse session is held, and each part's prime
+    # session is freed as soon as that part is primed (all held at once, a 35-step guided edit at
+    # 512x512 passed 24 GB before its trajectory was primed)
     start = time.perf_counter()
+    for part in (encoder, unet, decoder):
+        part.release("sparse")
     z_a = encoder.prime({"image": a})["latent"]
+    encoder.release("prime")
     traj = [sched.noise(z_a, noise, seq[0][0])]
     for i, (t, tp) in enumerate(seq):
         traj.append(sched.step(traj[-1], guide.prime(traj[-1], float(t), i), t, tp))
+    unet.release("prime")
     original_image = decoder.prime({"latent": traj[-1]})["image"]
+    decoder.release("prime")
     prime_s = time.perf_counter() - start
-    for part in (encoder, unet, decoder):
-        part.release("prime")  # each prime session holds a copy of the weights (SD's UNet: 3.4 GB)
 
     # inpainting regenerates the masked region: fresh noise there (the same noise would retrace the
     # original trajectory where the images agree); SDEdit keeps the original's noise (SIGE's choice)

@@ -299,13 +299,14 @@ class Session:
         return {k: v.copy() for k, v in outputs.items()}
 
     def release(self, *graphs: str) -> None:
-        """Free the runtime sessions of ``graphs`` (``"dense"``, ``"prime"``; default both) until their
-        next use, which re-creates them (seconds for a large model). Each ONNX Runtime session holds its
-        own copy of the model's weights: after priming every step of a latent edit, releasing
-        ``"prime"`` frees Stable Diffusion's 3.4 GB UNet copy for the edits. Caches are kept."""
+        """Free the runtime sessions of ``graphs`` (``"dense"``, ``"prime"``, ``"sparse"``; default dense
+        and prime) until their next use, which re-creates them (seconds for a large model). Each ONNX
+        Runtime session holds its own copy of the model's weights: a latent edit primes every step with
+        no sparse session held, then releases ``"prime"`` (Stable Diffusion's UNet: 3.4 GB each) for the
+        edits. Caches are kept."""
         for which in graphs or ("dense", "prime"):
-            if which not in ("dense", "prime"):
-                raise SSICError(f"release: unknown graph {which!r} (dense, prime)")
+            if which not in ("dense", "prime", "sparse"):
+                raise SSICError(f"release: unknown graph {which!r} (dense, prime, sparse)")
             self.backend.release(which)
 
     def forget(self, cache_id: object = 0) -> None:

@@ -179,5 +179,9 @@ def test_release_frees_the_prime_session_and_it_comes_back(tmp_path):
     assert "prime" not in sess.backend._sessions and sess.cache_ids == [0]
     np.testing.assert_array_equal(sess.edit(x, mode="sparse")["eps"], first["eps"])  # caches kept
     np.testing.assert_array_equal(sess.prime(x)["eps"], first["eps"])
+    edited = sess.edit(x | {"x": x["x"] + 0.1}, mode="sparse")["eps"]
+    sess.release("sparse")  # what a latent edit does while it primes
+    assert "sparse" not in sess.backend._sessions
+    np.testing.assert_array_equal(sess.edit(x | {"x": x["x"] + 0.1}, mode="sparse")["eps"], edited)
     with pytest.raises(SSICError, match="unknown graph"):
-        sess.release("sparse")
+        sess.release("mask")
