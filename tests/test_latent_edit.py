@@ -85,6 +85,23 @@ def test_sdedit_all_tiles_equals_dense_and_small_edit_close(parts):
     assert _psnr(img, dense, ~m) > 40
 
 
+def test_one_shot_edit_frees_each_step_and_gives_the_same_image(parts):
+    """keep=False (ssic edit): every UNet state is freed once its step is edited and the decoder is
+    primed after the UNet edits (lower peak memory); the images are those of keep=True."""
+    arts, files = parts
+    a, b = _images(files)
+    cond, uncond = np.load(files["emb"]), np.load(files["neg"])
+    kw = dict(uncond=uncond, guidance=7.5, strength=0.7, steps=3, mode="sparse")
+    unet, enc, dec = _sessions(arts)
+    kept = latent_edit(unet, enc, dec, a, b, cond, **kw)
+    assert len(unet.cache_ids) == 6
+    unet, enc, dec = _sessions(arts)
+    once = latent_edit(unet, enc, dec, a, b, cond, keep=False, **kw)
+    assert unet.cache_ids == [] and dec.cache_ids == [0]
+    for k in ("image", "original_image", "latent"):
+        np.testing.assert_array_equal(once[k], kept[k])
+
+
 def test_inpainting_keeps_the_original_trajectory_outside(parts):
     arts, files = parts
     unet, enc, dec = _sessions(arts)
