@@ -157,4 +157,22 @@ class OrtBackend(Backend):
 
     def release(self, which: str) -> None:
         with self._lock:
-            self._sessions.pop(which, None)
+            if self._sessions.pop(which, None) is not None:
+                _return_free_memory()
+
+
+def _return_free_memory() -> None:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim``), so that a released session's
+    weights and arena leave the process's resident memory instead of waiting in malloc's free lists
+    (a released 3.4 GB UNet prime session gave back 1.2 GB without it). A no-op elsewhere."""
+    import ctypes
+    import gc
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
