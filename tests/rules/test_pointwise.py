@@ -176,3 +176,21 @@ def test_comparison_read_elsewhere_stays_dense(tmp_path):
                                                                                 for d in result.dense_ops]
     sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
     assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0,))
+
+
+def test_where_on_a_dense_boolean_map_stays_dense(tmp_path):
+    """Where(cond, sparse, sparse) with cond a full boolean map computed dense (here from a graph input
+    through a Cast a rule does not take): a gather cannot read booleans, so the Where runs dense."""
+    rng = np.random.default_rng(7)
+    nodes = [helper.make_node("Conv", ["x", "a_w", "a_b"], ["a"], pads=[1, 1, 1, 1]),
+             helper.make_node("Cast", ["x"], ["xi"], to=6),
+             helper.make_node("Cast", ["xi"], ["cond"], to=9),
+             helper.make_node("Neg", ["a"], ["na"]),
+             helper.make_node("Where", ["cond", "a", "na"], ["w"]),
+             helper.make_node("Conv", ["w", "b_w", "b_b"], ["y"], pads=[1, 1, 1, 1])]
+    inits = conv_params(rng, "a", 3, 3, 3) | conv_params(rng, "b", 3, 3, 3)
+    m = model(nodes, {"x": [1, 3, H, W]}, {"y": [1, 3, H, W]}, inits)
+    _, result = rewrite(m, min_res=16)
+    assert [d.op_type for d in result.dense_ops] == ["Where"]
+    sess, _ = compile_and_load(m, tmp_path, exact=True, sparse_min_res=16, tile=2)
+    assert_edits_match_dense(sess, "x", [1, 3, H, W], seeds=(0,))

@@ -160,6 +160,8 @@ def _operand_refusal(v: ir.Value, ctx: SparsifyContext, grid, channels: int) -> 
     """Why operand ``v`` cannot enter an element-wise op on ``grid``'s tiles (None: it can)."""
     rep, shape = ctx.rep(v), static_shape(v)
     if rep.sparse or (shape is not None and spatial_hw(v) == (grid.height, grid.width)):
+        if not rep.sparse and v.dtype not in (None, ir.DataType.FLOAT):
+            return f"operand {v.name} is a full {v.dtype} map (gathers read float32)"
         return None if rep.tileable_on(grid) else f"operand {v.name} cannot be tiled on grid {grid.name}"
     if (shape is not None and math.prod(shape) == 1) or per_channel_ok(v, channels):
         return None
