@@ -68,7 +68,9 @@ def test_a_deep_chain_costs_log_ops():
 
 
 @pytest.mark.parametrize("r", [2, 3, 5, 8, 13, 64])
-def test_log_dilation_equals_a_square_window(r):
+def test_dilations_compose_by_adding_radii(r):
+    """What simplify_dilations relies on: clipped to the map, a (2r+1)^2 window and a 3x3 window followed by
+    a (2r-1)^2 one are both the dilation by r (ONNX MaxPool ignores its padding)."""
     b = MaskGraphBuilder()
     m = b.add_input("m", [1, 1, 40, 30])
     x = b.op("MaxPool", [m], kernel_shape=[2 * r + 1] * 2, pads=[r] * 4)

@@ -78,7 +78,11 @@ class MaskGraphBuilder:
                                    self.const(np.array([4], np.int64))])
             return self.op("Slice", [up, self.const(np.array([0, 0], np.int64)), hw,
                                      self.const(np.array([2, 3], np.int64))])
-        # O(log r) ops of 3 reads per pixel, as in _log_dilation
+        # O(log r) ops of 3 reads per pixel: padded by r, then along each axis valid 3-tap MaxPools dilated
+        # by steps 1, 2, 4, ... (reach 2^n - 1 after n) and the remainder (< 2^n, so the reach stays
+        # contiguous), each shrinking the map by twice its step back to the original size. The pad is -1,
+        # which no max picks (each window's centre is in the map); a zero pad would be folded into the
+        # first MaxPool's pads by ONNX Runtime, which then refuses pads wider than the window.
         x = self.op("Pad", [x, self.const(np.array([0, 0, radius, radius, 0, 0, radius, radius], np.int64)),
                             self.const(np.array(-1.0, np.float32))])
         for axis in (0, 1):
@@ -122,7 +126,7 @@ class MaskGraphBuilder:
         model = ir.Model(self.graph, ir_version=10, producer_name="ssic")
         if simplify:
             ShapeInferencePass()(model)  # the map sizes bound the dilations
-            simplify_dilations(self.graph)
+            simplify_dilations(self)
         # constants of idioms whose result went unused (ONNX Runtime warns about each at load)
         RemoveUnusedNodesPass()(model)
         TopologicalSortPass()(model)
@@ -145,8 +149,8 @@ def _window_radius(node: ir.Node) -> int | None:
     return r
 
 
-def simplify_dilations(graph: ir.Graph) -> None:
-    """Rewrite ``graph`` (a mask graph) so that chains of dilations cost O(log r) ops, not O(layers).
+def simplify_dilations(builder: MaskGraphBuilder) -> None:
+    """Rewrite ``builder``'s mask graph so that chains of dilations cost O(log r) ops, not O(layers).
 
     Exact mode's change masks follow every layer: a network of n 3x3 convs builds n stride-1 MaxPools,
     each a dilation by one pixel of the last, and ``Max`` unions of masks that are dilations of one
@@ -154,10 +158,12 @@ def simplify_dilations(graph: ir.Graph) -> None:
     dilation by r1 of a dilation by r2 is the dilation by r1 + r2, and the union of two dilations of
     one mask is the larger. So every value is tracked as (base mask, radius); a union keeps one operand
     per base; a dilation read by anything but the next dilation is recomputed from its base with
-    dilated 3-tap MaxPools of steps 1, 2, 4, ... along each axis. The chains are then dead code.
+    :meth:`MaskGraphBuilder.dilate` (or as the map's maximum once r spans the map). The chains are then
+    dead code.
     Measured on Real-ESRGAN x4plus at 128x128 (bounded exact mode, 363 MaxPools and 372 Max):
     see BENCHMARKS.md.
     """
+    graph = builder.graph
     form: dict[ir.Value, tuple[ir.Value, int]] = {}
     chain: dict[ir.Value, int] = {}  # MaxPools on the longest path from the base
 
@@ -203,7 +209,7 @@ def simplify_dilations(graph: ir.Graph) -> None:
         if not uses and not v.is_graph_output():
             continue
         if (base, r) not in made:
-            made[(base, r)] = _dilation(graph, base, r)
+            made[(base, r)] = builder.values[_grow(builder, base, r)]
         for n, i in uses:
             n.replace_input_with(i, made[(base, r)])
         if v.is_graph_output():
@@ -229,51 +235,16 @@ def _map_size(v: ir.Value) -> tuple[int, int] | None:
     return int(shape[2]), int(shape[3])
 
 
-def _dilation(graph: ir.Graph, base: ir.Value, r: int) -> ir.Value:
-    """``base`` (a 0/1 mask ``[1, 1, H, W]``) dilated by ``r`` pixels, clipped to the map: a radius that
-    reaches across the whole map is the map's maximum everywhere; a shorter one, :func:`_log_dilation`."""
+def _grow(builder: MaskGraphBuilder, base: ir.Value, r: int) -> str:
+    """``base`` (a 0/1 mask ``[1, 1, H, W]`` of the builder's graph) dilated by ``r`` pixels, clipped to the
+    map: the map's maximum everywhere once ``r`` reaches across it, else :meth:`MaskGraphBuilder.dilate`."""
+    name = base.name
+    assert builder.values.get(name) is base, f"{name} is not a value of the mask graph"
     hw = _map_size(base)
-    if hw is None or r < max(hw) - 1:
-        return _log_dilation(graph, base, r)
-    name = f"{base.name}/dilate{r}"
-    shape = ir.Value(name=f"{name}/shape", const_value=ir.tensor(np.array([1, 1, *hw], np.int64), name=f"{name}/shape"))
-    graph.register_initializer(shape)
-    top = ir.Node("", "ReduceMax", [base], attributes=ir.convenience.convert_attributes({"keepdims": 1}),
-                  name=f"{name}/max")
-    top.outputs[0].name = f"{name}/max"
-    graph.append(top)
-    full = ir.Node("", "Expand", [top.outputs[0], shape], name=f"{name}/all")
-    full.outputs[0].name = f"{name}/all"
-    graph.append(full)
-    return full.outputs[0]
-
-
-def _log_dilation(graph: ir.Graph, base: ir.Value, r: int) -> ir.Value:
-    """``base`` (a 0/1 mask) dilated by ``r`` pixels: padded by r, then along each axis valid 3-tap
-    MaxPools dilated by steps 1, 2, 4, ... (reach 2^n - 1 after n) and the remainder (< 2^n, so the reach
-    stays contiguous), each shrinking the map by twice its step back to the original size."""
-    name = f"{base.name}/dilate{r}"
-    pads = ir.Value(name=f"{name}/pads", const_value=ir.tensor(np.array([0, 0, r, r, 0, 0, r, r], np.int64),
-                                                               name=f"{name}/pads"))
-    # padded with -1, which no max picks (each window's centre is in the image); a zero pad would be folded
-    # into the first MaxPool's pads by ONNX Runtime, which then refuses pads wider than the window
-    fill = ir.Value(name=f"{name}/fill", const_value=ir.tensor(np.array(-1.0, np.float32), name=f"{name}/fill"))
-    graph.register_initializer(pads)
-    graph.register_initializer(fill)
-    node = ir.Node("", "Pad", [base, pads, fill], name=f"{name}/pad")
-    node.outputs[0].name = f"{name}/pad"
-    graph.append(node)
-    x = node.outputs[0]
-    for axis in (0, 1):
-        for j, d in enumerate(_steps(r)):
-            attrs = {"kernel_shape": [3, 1], "dilations": [d, 1]} if axis == 0 else \
-                {"kernel_shape": [1, 3], "dilations": [1, d]}
-            node = ir.Node("", "MaxPool", [x], attributes=ir.convenience.convert_attributes(attrs),
-                           name=f"{name}_{axis}_{j}")
-            node.outputs[0].name = f"{name}_{axis}_{j}"
-            graph.append(node)
-            x = node.outputs[0]
-    return x
+    if hw is not None and r >= max(hw) - 1:
+        top = builder.op("ReduceMax", [name], keepdims=1)
+        return builder.op("Expand", [top, builder.const(np.array([1, 1, *hw], np.int64))])
+    return builder.dilate(name, r)
 
 
 def _steps(r: int) -> list[int]:
