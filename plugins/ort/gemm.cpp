@@ -1,4 +1,4 @@
-// Packed-panel SGEMM of ssic::TileConv. See gemm.h.
+// Indirect SGEMM on a packed right-hand side, the matrix half of ssic::TileConv. See gemm.h.
 #include "gemm.h"
 
 #include <algorithm>
@@ -17,27 +17,8 @@ namespace {
 constexpr int64_t kMr = 6;    // rows of the register tile
 constexpr int64_t kKc = 256;  // K slice: a 256 x 16 panel slice (16 KiB) stays in L1
 
-// c[r, 0:16] += sum_k a[r, k] * b[k, 0:16] for r < MR; a is row-major with row stride lda, b one
-// packed panel slice (16 floats per k).
-using MicroKernel = void (*)(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc);
-
-template <int MR>
-void micro_portable(int64_t kc, const float* a, int64_t lda, const float* b, float* c, int64_t ldc) {
-  float acc[MR][kGemmNr];
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < kGemmNr; ++j) acc[r][j] = c[r * ldc + j];
-  for (int64_t p = 0; p < kc; ++p, b += kGemmNr) {
-    for (int r = 0; r < MR; ++r) {
-      const float av = a[r * lda + p];
-      for (int j = 0; j < kGemmNr; ++j) acc[r][j] += av * b[j];
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int j = 0; j < kGemmNr; ++j) c[r * ldc + j] = acc[r][j];
-}
-
-// The indirect form: ntaps taps of cn channels; a is a [ntaps][kMr] table of row pointers (offset by
-// a_off floats), b the matching ntaps*cn rows of the packed panel.
+// c[r, 0:16] += sum over ntaps taps t and cn channels p of a[t][r][a_off + p] * b[(t*cn + p), 0:16] for
+// r < MR: a is a [ntaps][kMr] table of row pointers, b the matching ntaps*cn rows of one packed panel.
 using IndirectKernel = void (*)(int64_t ntaps, int64_t cn, const float* const* a, int64_t a_off, const float* b,
                                 float* c, int64_t ldc);
 
@@ -60,6 +41,7 @@ void micro_indirect_portable(int64_t ntaps, int64_t cn, const float* const* a, i
 }
 
 #ifdef SSIC_AVX2_DISPATCH
+// 6 x 16 register tile: 12 accumulators, two B vectors and one broadcast of A per row and k.
 template <int MR>
 __attribute__((target("avx2,fma"))) void micro_indirect_avx2(int64_t ntaps, int64_t cn, const float* const* a,
                                                               int64_t a_off, const float* b, float* c, int64_t ldc) {
@@ -92,40 +74,8 @@ __attribute__((target("avx2,fma"))) void micro_indirect_avx2(int64_t ntaps, int6
 }
 #endif
 
-#ifdef SSIC_AVX2_DISPATCH
-// 6 x 16 register tile: 12 accumulators, two B vectors and one broadcast of A per row and k.
-template <int MR>
-__attribute__((target("avx2,fma"))) void micro_avx2(int64_t kc, const float* a, int64_t lda, const float* b,
-                                                     float* c, int64_t ldc) {
-  __m256 lo[MR], hi[MR];
-  const float* ar[MR];
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    lo[r] = _mm256_loadu_ps(c + r * ldc);
-    hi[r] = _mm256_loadu_ps(c + r * ldc + 8);
-    ar[r] = a + r * lda;
-  }
-  for (int64_t p = 0; p < kc; ++p, b += kGemmNr) {
-    const __m256 b0 = _mm256_loadu_ps(b);
-    const __m256 b1 = _mm256_loadu_ps(b + 8);
-#pragma GCC unroll 6
-    for (int r = 0; r < MR; ++r) {
-      const __m256 av = _mm256_broadcast_ss(ar[r] + p);
-      lo[r] = _mm256_fmadd_ps(av, b0, lo[r]);
-      hi[r] = _mm256_fmadd_ps(av, b1, hi[r]);
-    }
-  }
-#pragma GCC unroll 6
-  for (int r = 0; r < MR; ++r) {
-    _mm256_storeu_ps(c + r * ldc, lo[r]);
-    _mm256_storeu_ps(c + r * ldc + 8, hi[r]);
-  }
-}
-#endif
-
 struct Kernels {
-  MicroKernel rows[kMr + 1];  // rows[r]: an r-row register tile (1..6)
-  IndirectKernel indirect[kMr + 1];
+  IndirectKernel rows[kMr + 1];  // rows[r]: an r-row register tile (1..6)
   const char* name;
 };
 
@@ -135,16 +85,13 @@ Kernels pick_kernels() {
 #ifdef SSIC_AVX2_DISPATCH
   __builtin_cpu_init();
   if (!disabled && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {{nullptr, micro_avx2<1>, micro_avx2<2>, micro_avx2<3>, micro_avx2<4>, micro_avx2<5>, micro_avx2<6>},
-            {nullptr, micro_indirect_avx2<1>, micro_indirect_avx2<2>, micro_indirect_avx2<3>, micro_indirect_avx2<4>,
+    return {{nullptr, micro_indirect_avx2<1>, micro_indirect_avx2<2>, micro_indirect_avx2<3>, micro_indirect_avx2<4>,
              micro_indirect_avx2<5>, micro_indirect_avx2<6>},
             "avx2-fma"};
   }
 #endif
   (void)disabled;
-  return {{nullptr, micro_portable<1>, micro_portable<2>, micro_portable<3>, micro_portable<4>, micro_portable<5>,
-           micro_portable<6>},
-          {nullptr, micro_indirect_portable<1>, micro_indirect_portable<2>, micro_indirect_portable<3>,
+  return {{nullptr, micro_indirect_portable<1>, micro_indirect_portable<2>, micro_indirect_portable<3>,
            micro_indirect_portable<4>, micro_indirect_portable<5>, micro_indirect_portable<6>},
           "portable"};
 }
@@ -157,42 +104,6 @@ const Kernels& kernels() {
 }  // namespace
 
 const char* gemm_kernel_name() { return kernels().name; }
-
-int64_t gemm_row_stride(int64_t k) {
-  // Rows a multiple of 4 KiB apart map to one L1 set: the six rows the micro-kernel reads at once
-  // would then evict each other. Pad to a multiple of 16 floats that is not.
-  int64_t lda = (k + 15) / 16 * 16;
-  if ((lda * static_cast<int64_t>(sizeof(float))) % 4096 == 0) lda += 16;
-  return lda;
-}
-
-void gemm_packed_accumulate(int64_t m, int64_t n, int64_t k, const float* a, int64_t lda, const float* b_packed,
-                            float* c, int64_t ldc, int64_t n0, int64_t n1) {
-  const Kernels& ks = kernels();
-  float edge[kMr * kGemmNr];  // register tile of a last panel narrower than 16 columns
-  for (int64_t pc = 0; pc < k; pc += kKc) {
-    const int64_t kc = std::min(kKc, k - pc);
-    for (int64_t j0 = n0; j0 < n1; j0 += kGemmNr) {
-      const float* panel = b_packed + ((j0 / kGemmNr) * k + pc) * kGemmNr;
-      const int64_t cols = std::min(kGemmNr, n - j0);
-      for (int64_t i0 = 0; i0 < m; i0 += kMr) {
-        const int64_t rows = std::min(kMr, m - i0);
-        const float* ap = a + i0 * lda + pc;
-        float* cp = c + i0 * ldc + j0;
-        if (cols == kGemmNr) {
-          ks.rows[rows](kc, ap, lda, panel, cp, ldc);
-          continue;
-        }
-        for (int64_t r = 0; r < rows; ++r) {
-          std::memcpy(edge + r * kGemmNr, cp + r * ldc, sizeof(float) * cols);
-          std::memset(edge + r * kGemmNr + cols, 0, sizeof(float) * (kGemmNr - cols));
-        }
-        ks.rows[rows](kc, ap, lda, panel, edge, kGemmNr);
-        for (int64_t r = 0; r < rows; ++r) std::memcpy(cp + r * ldc, edge + r * kGemmNr, sizeof(float) * cols);
-      }
-    }
-  }
-}
 
 void gemm_indirect_accumulate(int64_t m, int64_t n, int64_t taps, int64_t ch, const float* const* rows,
                               const float* b_packed, float* c, int64_t ldc, int64_t n0, int64_t n1) {
@@ -222,14 +133,14 @@ void gemm_indirect_accumulate(int64_t m, int64_t n, int64_t taps, int64_t ch, co
           const float* const* ap = table.data() + ((i0 / kMr) * taps + t0) * kMr;
           float* cp = c + i0 * ldc + j0;
           if (cols == kGemmNr) {
-            ks.indirect[nrows](nt, cn, ap, c0, panel, cp, ldc);
+            ks.rows[nrows](nt, cn, ap, c0, panel, cp, ldc);
             continue;
           }
           for (int64_t r = 0; r < nrows; ++r) {
             std::memcpy(edge + r * kGemmNr, cp + r * ldc, sizeof(float) * cols);
             std::memset(edge + r * kGemmNr + cols, 0, sizeof(float) * (kGemmNr - cols));
           }
-          ks.indirect[nrows](nt, cn, ap, c0, panel, edge, kGemmNr);
+          ks.rows[nrows](nt, cn, ap, c0, panel, edge, kGemmNr);
           for (int64_t r = 0; r < nrows; ++r) std::memcpy(cp + r * ldc, edge + r * kGemmNr, sizeof(float) * cols);
         }
       }
