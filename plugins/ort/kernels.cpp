@@ -260,6 +260,13 @@ struct TileWindow {
       : ys(static_cast<size_t>(t * k)), xs(static_cast<size_t>(t * k)), wy(static_cast<size_t>(t * k)),
         wx(static_cast<size_t>(t * k)) {}
 
+  // Reads the window located last, row-major [rows_n][cols_n][C], into dst through `read_pixel`.
+  template <typename Reader>
+  void read(Reader& read_pixel, float* dst, int64_t C) const {
+    for (int64_t r = 0; r < rows_n; ++r)
+      for (int64_t c = 0; c < cols_n; ++c) read_pixel(ys[r], xs[c], dst + (r * cols_n + c) * C);
+  }
+
   void locate(const GatherPlan& plan, int64_t dy, int64_t dx) {
     const GatherParams& p = plan.p;
     const GatherGeometry gy{p.stride, p.pad_top, p.upsample, plan.a.hs, p.pad_mode};
@@ -311,9 +318,7 @@ void gather_rows(const GatherPlan& plan, int64_t begin, int64_t end, float* out,
     if (i != tile_in_window) {
       win.locate(plan, dy, dx);
       window.resize(static_cast<size_t>(win.rows_n * win.cols_n * C));
-      for (int64_t r = 0; r < win.rows_n; ++r)
-        for (int64_t c = 0; c < win.cols_n; ++c)
-          read_pixel(win.ys[r], win.xs[c], window.data() + (r * win.cols_n + c) * C);
+      win.read(read_pixel, window.data(), C);
       tile_in_window = i;
     }
     for (int64_t px = 0; px < t; ++px) {
@@ -347,9 +352,7 @@ void gather_windows(const GatherPlan& plan, int64_t j0, int64_t j1, std::vector<
     const size_t base = used;
     used += static_cast<size_t>(win.rows_n * win.cols_n * C);
     if (windows.size() < used) windows.resize(used);
-    for (int64_t r = 0; r < win.rows_n; ++r)
-      for (int64_t c = 0; c < win.cols_n; ++c)
-        read_pixel(win.ys[r], win.xs[c], windows.data() + base + static_cast<size_t>((r * win.cols_n + c) * C));
+    win.read(read_pixel, windows.data() + base, C);
     size_t* o = offsets.data() + static_cast<size_t>((j - j0) * t * t * kk);
     for (int64_t py = 0; py < t; ++py)
       for (int64_t px = 0; px < t; ++px)
