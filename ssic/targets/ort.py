@@ -42,7 +42,6 @@ class OrtBackend(Backend):
                 raise SSICError(f"{self.path} needs libssic_ort version {want}, the installed one is {have}; "
                                 "recompile the artefact or reinstall ssic (`pip install -e .`)")
         self.output_names = manifest.output_names
-        self.cache_names = [c.name for c in manifest.caches]
         # what a commit folds into the caches (docs/architecture.md, "Commit"): tiles the sparse graph
         # computes anyway
         self.commit_names = list(dict.fromkeys(c.commit for c in manifest.caches if c.commit))
