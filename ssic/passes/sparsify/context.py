@@ -276,6 +276,13 @@ class SparsifyContext:
     def i64(self, values, hint: str) -> ir.Value:
         return self.const(np.array(values, np.int64), hint)
 
+    def reduce(self, op_type: str, x: ir.Value, axes: list[int], *, keepdims: int, name_hint: str) -> ir.Value:
+        """``op_type`` (ReduceMean, ReduceMax, ...) of ``x`` over ``axes`` in the model's opset form: axes
+        as an input from opset 18, as an attribute before."""
+        if self.opset >= 18:
+            return self.add(op_type, [x, self.i64(axes, "axes")], {"keepdims": keepdims}, name_hint=name_hint)
+        return self.add(op_type, [x], {"axes": list(axes), "keepdims": keepdims}, name_hint=name_hint)
+
     # ------------------------------------------------------------------ tile values
     def evaluate(self, t: TileValue) -> ir.Value:
         """The tile tensor of ``t`` with its pending epilogue applied."""

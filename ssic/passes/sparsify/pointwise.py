@@ -310,10 +310,7 @@ class ChannelReduceRule(PointwiseRule):
         grid = ctx.grid_of_output(node)
         x = node.inputs[0]
         tiles = ctx.rep(x).to_tiles(ctx, grid, static_shape(x)[1])
-        if ctx.opset >= 18:
-            y = ctx.add("ReduceMean", [tiles, ctx.i64([1], "axes")], {"keepdims": 1}, name_hint="channel_mean")
-        else:
-            y = ctx.add("ReduceMean", [tiles], {"axes": [1], "keepdims": 1}, name_hint="channel_mean")
+        y = ctx.reduce("ReduceMean", tiles, [1], keepdims=1, name_hint="channel_mean")
         ctx.set_rep(node.outputs[0], TileValue(grid, y, None, 1))
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:

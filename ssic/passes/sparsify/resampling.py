@@ -109,10 +109,7 @@ class PoolRule(Rule):
                           upsample=1, channels=c, hint="pool_gather")
         grouped = ctx.add("Reshape", [cols, ctx.i64([-1, k * k, c], "shape")])
         reduce = "ReduceMax" if node.op_type == "MaxPool" else "ReduceMean"
-        if ctx.opset >= 18:
-            y = ctx.add(reduce, [grouped, ctx.i64([1], "axes")], {"keepdims": 0}, name_hint="pool_reduce")
-        else:
-            y = ctx.add(reduce, [grouped], {"axes": [1], "keepdims": 0}, name_hint="pool_reduce")
+        y = ctx.reduce(reduce, grouped, [1], keepdims=0, name_hint="pool_reduce")
         ctx.set_rep(node.outputs[0], TileValue(grid, y, None, c))
 
     def propagate_mask(self, node: ir.Node, masks: MaskGraph) -> str | None:
