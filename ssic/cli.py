@@ -512,7 +512,7 @@ def _edit_latent(artefact, original, edited, mask_file, resize, specs, steps, st
     decoder = ssic.load(flags["--vae-decoder"], threads=threads)
     result = latent_edit_files(unet, encoder, decoder, a, b, cond, uncond=uncond, guidance=guidance, mask=mask,
                                resize=resize, steps=steps, strength=strength, seed=seed, log=lambda m: _log(m, 1),
-                               keep=False)  # one edit: each step's caches are freed once used
+                               keep=False)  # one edit, streamed: one step's caches resident at a time
     from ssic.editing import save_output
 
     save_output(result["image"], output, (-1.0, 1.0))

@@ -86,8 +86,8 @@ def test_sdedit_all_tiles_equals_dense_and_small_edit_close(parts):
 
 
 def test_one_shot_edit_frees_each_step_and_gives_the_same_image(parts):
-    """keep=False (ssic edit): every UNet state is freed once its step is edited and the decoder is
-    primed after the UNet edits (lower peak memory); the images are those of keep=True."""
+    """keep=False (ssic edit) streams: each UNet step is primed right before its edit and freed right
+    after, so one step's states are resident at a time; the images are those of keep=True."""
     arts, files = parts
     a, b = _images(files)
     cond, uncond = np.load(files["emb"]), np.load(files["neg"])
@@ -96,7 +96,11 @@ def test_one_shot_edit_frees_each_step_and_gives_the_same_image(parts):
     kept = latent_edit(unet, enc, dec, a, b, cond, **kw)
     assert len(unet.cache_ids) == 6
     unet, enc, dec = _sessions(arts)
+    resident = []  # the UNet states held when each edit starts
+    edit = unet.edit
+    unet.edit = lambda *args, **kwargs: resident.append(len(unet.cache_ids)) or edit(*args, **kwargs)
     once = latent_edit(unet, enc, dec, a, b, cond, keep=False, **kw)
+    assert resident == [2] * 6, resident  # streamed: only the step's own two states (uncond, cond)
     assert unet.cache_ids == [] and dec.cache_ids == [0]
     for k in ("image", "original_image", "latent"):
         np.testing.assert_array_equal(once[k], kept[k])
