@@ -101,7 +101,7 @@ def test_one_shot_edit_frees_each_step_and_gives_the_same_image(parts):
     unet.edit = lambda *args, **kwargs: resident.append(len(unet.cache_ids)) or edit(*args, **kwargs)
     once = latent_edit(unet, enc, dec, a, b, cond, keep=False, **kw)
     assert resident == [2] * 6, resident  # streamed: only the step's own two states (uncond, cond)
-    assert unet.cache_ids == [] and dec.cache_ids == [0]
+    assert unet.cache_ids == [] and enc.cache_ids == [] and dec.cache_ids == [0]
     for k in ("image", "original_image", "latent"):
         np.testing.assert_array_equal(once[k], kept[k])
 

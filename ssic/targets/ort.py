@@ -16,6 +16,11 @@ from ssic.artefact import Manifest
 from ssic.errors import SSICError
 from ssic.session import Backend
 
+#: manifest element type names (ONNX's, as onnx_ir spells them) -> NumPy
+_NUMPY_TYPES = {"float": np.float32, "float32": np.float32, "float16": np.float16, "double": np.float64,
+                "float64": np.float64, "int64": np.int64, "int32": np.int32, "int8": np.int8, "uint8": np.uint8,
+                "bool": np.bool_}
+
 
 class OrtBackend(Backend):
     """Runs ``dense``, ``prime``, ``sparse`` and ``mask`` graphs on ONNX Runtime's CPU provider."""
@@ -31,6 +36,7 @@ class OrtBackend(Backend):
         self.manifest = manifest
         self.threads = threads
         self._sessions: dict[str, object] = {}
+        self._ran: set[str] = set()  # graphs whose session has run since it was loaded
         self._lock = threading.RLock()
         self._fused = manifest.lowering == "fused" and "sparse" in preload
         if self._fused:
@@ -42,6 +48,9 @@ class OrtBackend(Backend):
                 raise SSICError(f"{self.path} needs libssic_ort version {want}, the installed one is {have}; "
                                 "recompile the artefact or reinstall ssic (`pip install -e .`)")
         self.output_names = manifest.output_names
+        # model outputs of a static shape and a known element type are written into NumPy buffers
+        self._output_specs = {o.name: (list(o.shape), _NUMPY_TYPES[o.dtype]) for o in manifest.outputs
+                              if o.dtype in _NUMPY_TYPES and o.shape and min(o.shape) > 0}
         # what a commit folds into the caches (docs/architecture.md, "Commit"): tiles the sparse graph
         # computes anyway
         self.commit_names = list(dict.fromkeys(c.commit for c in manifest.caches if c.commit))
@@ -94,10 +103,46 @@ class OrtBackend(Backend):
         """Forget one graph's session so that the next run loads the file again (calibration)."""
         with self._lock:
             self._sessions.pop(which, None)
+            self._ran.discard(which)
+
+    def warm(self, which: str) -> bool:
+        with self._lock:
+            return which in self._ran
+
+    def _bind_outputs(self, io, names) -> dict[str, np.ndarray]:
+        """Bind ``names`` as outputs of ``io``: the model outputs (static shapes, from the manifest) into
+        NumPy buffers allocated here, the rest (commit outputs: one row per active tile) to ONNX
+        Runtime's allocator, to be copied out by :meth:`_fetch`. Returns the NumPy buffers by name.
+
+        An array that views memory ONNX Runtime allocated keeps that allocator alive, and with it the
+        session's whole arena, after the session is released (the SD 1.5 VAE decoder's prime arena,
+        4.7 GB, stayed resident for as long as the primed state held its output image): arrays
+        returned from here own their memory."""
+        owned = {}
+        for name in names:
+            spec = self._output_specs.get(name)
+            if spec is not None:
+                owned[name] = np.empty(*spec)
+                io.bind_ortvalue_output(name, self._ort.OrtValue.ortvalue_from_numpy(owned[name]))
+            else:
+                io.bind_output(name, "cpu")
+        return owned
+
+    @staticmethod
+    def _fetch(io, names, owned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        values = io.get_outputs()
+        return {n: owned[n] if n in owned else np.array(v.numpy(), copy=True)
+                for n, v in zip(names, values, strict=True)}
 
     def run_dense(self, inputs):
-        outs = self.session("dense").run(self.output_names, inputs)
-        return dict(zip(self.output_names, outs, strict=True))
+        sess = self.session("dense")
+        io = sess.io_binding()
+        for name, arr in inputs.items():
+            io.bind_cpu_input(name, np.ascontiguousarray(arr))
+        owned = self._bind_outputs(io, self.output_names)
+        sess.run_with_iobinding(io)
+        self._ran.add("dense")
+        return self._fetch(io, self.output_names, owned)
 
     def run_prime(self, inputs):
         sess = self.session("prime")
@@ -112,11 +157,12 @@ class OrtBackend(Backend):
             io.bind_ortvalue_output(c.name, value)
             caches[c.name] = value
         outputs = [n for n in self.output_names if n not in caches]
-        for name in outputs:
-            io.bind_output(name, "cpu")
+        owned = self._bind_outputs(io, outputs)
         sess.run_with_iobinding(io)
-        values = dict(zip(outputs, io.get_outputs()[len(caches):], strict=True)) | caches
-        outputs = {n: values[n].numpy() for n in self.output_names}
+        self._ran.add("prime")
+        fetched = self._fetch(io, list(caches) + outputs, owned)
+        # a model output that is also a cache is returned as a copy: the cache's buffer is the state's
+        outputs = {n: fetched[n] if n in owned else np.array(fetched[n], copy=True) for n in self.output_names}
         nbytes = self.manifest.cache_bytes()
         return outputs, caches, nbytes
 
@@ -136,10 +182,10 @@ class OrtBackend(Backend):
         # commit outputs only when asked: unfetched, ONNX Runtime computes them as the intermediates they
         # are; fetched, the edit measured a few percent slower (DDIM tiny, docs/architecture.md "Commit")
         names = self.output_names + [n for n in self.commit_names if commit and n not in self.output_names]
-        for name in names:
-            io.bind_output(name, "cpu")
+        owned = self._bind_outputs(io, names)
         sess.run_with_iobinding(io)
-        return {n: v.numpy() for n, v in zip(names, io.get_outputs(), strict=True)}
+        self._ran.add("sparse")
+        return self._fetch(io, names, owned)
 
     def host_view(self, cache):
         # a CPU OrtValue's numpy() shares its buffer: writing it updates what the sparse graph binds
@@ -148,14 +194,17 @@ class OrtBackend(Backend):
     def run_mask(self, masks):
         sess = self.session("mask")
         names = [o.name for o in sess.get_outputs()]
-        return dict(zip(names, sess.run(names, masks), strict=True))
+        # copies: arrays that view ONNX Runtime's memory would keep the session's allocator alive
+        return {n: np.array(v, copy=True) for n, v in zip(names, sess.run(names, masks), strict=True)}
 
     def close(self) -> None:
         with self._lock:
             self._sessions.clear()
+            self._ran.clear()
 
     def release(self, which: str) -> None:
         with self._lock:
+            self._ran.discard(which)
             if self._sessions.pop(which, None) is not None:
                 _return_free_memory()
 
