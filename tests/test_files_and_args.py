@@ -471,6 +471,20 @@ def test_artefact_modes_follow_the_umask(arts, tmp_path, mask, dmode, fmode):
         assert p.stat().st_mode & 0o777 == fmode, p.name
 
 
+@pytest.mark.parametrize("mask,fmode", [(0o022, 0o644), (0o027, 0o640)])
+def test_exported_model_modes_follow_the_umask(tmp_path, mask, fmode):
+    """An exported .onnx is ordinary data: the temp file it is written to first (mkstemp, 0600) must
+    not leave its mode on it."""
+    from ssic.models.export import export_model
+
+    old = os.umask(mask)
+    try:
+        out = export_model("ddim", "tiny", tmp_path / "d.onnx", seed=0)
+    finally:
+        os.umask(old)
+    assert Path(out).stat().st_mode & 0o777 == fmode
+
+
 def test_artefact_read_errors_are_ssic_errors(arts, tmp_path):
     bad = tmp_path / "bad.ssic"
     shutil.copytree(arts["net"], bad)

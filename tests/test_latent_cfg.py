@@ -79,7 +79,7 @@ def test_bad_embeddings_and_sessions_say_why(unet, tmp_path):
     x, cond, _ = _inputs()
     with pytest.raises(SSICError, match=r"embedding has shape \[1, 77, 16\], the UNet takes \[1, 77, 32\]"):
         GuidedUNet(unet, cond[..., :16])
-    with pytest.raises(SSICError, match="negative embedding must be finite"):
+    with pytest.raises(SSICError, match="negative embedding holds 2464 NaN or infinite values"):
         GuidedUNet(unet, cond, np.full_like(cond, np.nan), guidance=3.0)
     with pytest.raises(SSICError, match="guidance must be a finite"):
         GuidedUNet(unet, cond, guidance=float("inf"))

@@ -128,7 +128,9 @@ def test_cli_sdedit_and_inpainting(parts, capsys):
               str(files["neg"]), "--strength", "0.7", "--steps", "2", "-o", str(out)])
     y = np.load(out)
     assert y.shape == (1, 3, SIZE, SIZE) and y.min() >= -1 and y.max() <= 1
-    assert "SDEdit, 2 steps" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "SDEdit, 2 steps" in err
+    assert err.index("step 1/2 primed and edited") < err.index("step 2/2") < err.index("SDEdit")  # progress
     png = files["dir"] / "inpaint.png"
     cli_main([*base, "--original", str(files["a"]), "--edited", str(files["a"]), "--mask", str(files["mask"]),
               "--strength", "1", "--steps", "1", "-o", str(png)])

@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 
 from ssic.errors import SSICError
+from ssic.outputs import umask
 
 __all__ = ["export_model", "export_module", "export_trained", "OPSET", "IR_VERSION"]
 __all__ = ["export_model", "export_module", "export_module_to_file", "export_sd", "OPSET", "IR_VERSION",
@@ -141,6 +142,7 @@ def save_atomic(model: onnx.ModelProto, path: str | Path) -> Path:
             f.write(model.SerializeToString())
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; a model file is ordinary data
         os.replace(tmp, path)
         tmp = None
     except OSError as e:
@@ -220,9 +222,7 @@ def tag_model(path: Path, family: str, preset: str) -> None:
     os.close(fd)
     try:
         onnx.save(proto, tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a model file is ordinary data
+        os.chmod(tmp, 0o666 & ~umask())  # mkstemp creates 0600; a model file is ordinary data
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

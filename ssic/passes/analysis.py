@@ -77,7 +77,8 @@ def check_static_batch1(model: ir.Model) -> None:
             raise SSICError(
                 f"input '{value.name}' has batch {shape[0]} (shape {list(shape)}); "
                 "ssic compiles batch 1 (one image being edited); for classifier-free guidance export batch 1 "
-                "and keep two cache states per step, (step, 'uncond') and (step, 'cond') (ssic.latent.GuidedUNet)"
+                "and keep two cache states per step, (step, 'uncond') and (step, 'cond'): ssic edit --negative-embedding, "
+                "or ssic.latent.GuidedUNet"
             )
         if len(shape) == 4 and (shape[2] == 0 or shape[3] == 0):
             raise SSICError(f"input '{value.name}' has an empty image (shape {list(shape)})")
