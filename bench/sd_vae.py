@@ -19,16 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-
-def _median_ms(fn, runs: int) -> float:
-    fn()
-    times = []
-    for _ in range(runs):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+from sd_cfg import _median_ms  # bench/ is the script's folder
 
 
 def _psnr(y: np.ndarray, want: np.ndarray, sel: np.ndarray) -> float:

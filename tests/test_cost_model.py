@@ -40,7 +40,8 @@ def test_explores_sparse_after_a_run_of_dense_choices():
     assert [cm.prefers_dense(0.5) for _ in range(8)] == [True, True, True, False, True, True, True, False]
 
 
-def test_session_falls_back_to_dense_where_measured_slower(tmp_path):
+def export_two_convs(path):
+    """A seeded conv-ReLU-conv model, ``x`` float32 [1, 3, 32, 32] -> ``y`` [1, 3, 32, 32], as ONNX."""
     class Net(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -51,9 +52,13 @@ def test_session_falls_back_to_dense_where_measured_slower(tmp_path):
             return self.b(torch.relu(self.a(x)))
 
     torch.manual_seed(0)
-    path = tmp_path / "n.onnx"
     torch.onnx.export(Net().eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["x"], output_names=["y"],
                       dynamo=False)
+    return path
+
+
+def test_session_falls_back_to_dense_where_measured_slower(tmp_path):
+    path = export_two_convs(tmp_path / "n.onnx")
     sess = ssic.load(ssic.compile(path, output_dir=tmp_path / "n.ssic", exact=True, fallback_ratio=1.0))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((1, 3, 32, 32)).astype(np.float32)

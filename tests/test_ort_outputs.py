@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 import ssic
+from tests.test_cost_model import export_two_convs
 
 
 def _root(a: np.ndarray):
@@ -30,21 +30,8 @@ def _owned(a: np.ndarray) -> bool:
 
 @pytest.fixture(scope="module")
 def session(tmp_path_factory):
-    class Net(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a = torch.nn.Conv2d(3, 8, 3, padding=1)
-            self.b = torch.nn.Conv2d(8, 3, 3, padding=1)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)))
-
-    torch.manual_seed(0)
     d = tmp_path_factory.mktemp("owned")
-    path = d / "n.onnx"
-    torch.onnx.export(Net().eval(), (torch.zeros(1, 3, 32, 32),), str(path), input_names=["x"],
-                      output_names=["y"], dynamo=False)
-    return ssic.load(ssic.compile(path, output_dir=d / "n.ssic", exact=True))
+    return ssic.load(ssic.compile(export_two_convs(d / "n.onnx"), output_dir=d / "n.ssic", exact=True))
 
 
 def test_onnx_runtime_arrays_view_its_memory():
