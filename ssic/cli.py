@@ -267,6 +267,9 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
             return
         click.echo(f"artefact {p}: target {manifest.target}, lowering {manifest.lowering}, "
                    f"{'exact' if manifest.exact else 'SIGE-pyramid'} masks, GroupNorm statistics {manifest.gn_stats}")
+        for what, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
+            for t in specs:
+                click.echo(f"  {what} {t.name}: {t.dtype} {list(t.shape)}")
         for s in manifest.mask.sources:
             click.echo(f"  mask source {s.input or '(user mask)'}: {s.height}x{s.width}"
                        f"{' (NHWC)' if s.channel_axis == 3 else ''}")

@@ -548,6 +548,7 @@ def _other_mac_nodes(proto: onnx.ModelProto, macs: dict, result) -> list[LayerDe
     """Every MAC-heavy node the sparse rewrite did not decide on (attention MatMuls, Gemm, ...), so that
     ``ssic inspect`` lists all of a model's MACs with where they run."""
     decided = {d.node for d in result.decisions}
+    reads_sparse = {d.node for d in result.dense_ops}
     ops = {n.name or f"{n.op_type}_{i}": n.op_type for i, n in enumerate(proto.graph.node)}
     out = []
     for name, n in macs.get("macs_by_node", {}).items():
@@ -556,6 +557,9 @@ def _other_mac_nodes(proto: onnx.ModelProto, macs: dict, result) -> list[LayerDe
         op = ops.get(name, "?")
         if op == "Conv":  # named differently after pre-processing: already decided under its new name
             continue
+        reason = (f"{op} runs dense on full-size maps of sparse values: no tile rule for {op} yet"
+                  if name in reads_sparse else
+                  f"{op} reads no sparse grid's pixels (e.g. a timestep embedding): computed in full")
         out.append(LayerDecision(node=name, kind=op, channels=[0, 0], sparse=False, macs_dense=int(n),
-                                 reason=f"{op} runs dense: no tile rule for {op} yet"))
+                                 reason=reason))
     return out

@@ -291,6 +291,14 @@ def test_unet_compiles_and_edits(work, unet_onnx):
     assert sum(layer["kind"] == "cross-attn" and layer["sparse"] for layer in matmuls) == 8
     dense = [layer["node"] for layer in matmuls if not layer["sparse"]]
     assert len(dense) == 8 and all("attn2.to_k" in n or "attn2.to_v" in n for n in dense), dense
+    gemms = [layer for layer in m["layers"] if layer["kind"] == "Gemm"]  # the time embedding: no pixels
+    assert gemms and all(not g["sparse"] and "reads no sparse grid's pixels" in g["reason"] for g in gemms)
+    from click.testing import CliRunner
+
+    from ssic.cli import cli
+
+    shown = CliRunner().invoke(cli, ["inspect", str(art)]).output  # the embedding's width, for a new user
+    assert "input encoder_hidden_states: float [1, 77, 32]" in shown and "output out_sample: float" in shown
     by_op = m["macs"]["by_op_type"]
     assert by_op["MatMul"] > 0.3 * m["macs"]["dense"]
     assert m["macs"]["sparse_fixed"] < 0.01 * m["macs"]["dense"]
