@@ -71,3 +71,17 @@ def test_every_returned_array_owns_its_memory(session):
     assert all(_owned(v) for v in masks.values())
     # the results are those of the model: the dense output equals the prime's
     np.testing.assert_allclose(prime_out["y"], outs["y"], atol=1e-5)
+
+
+def test_prime_runs_without_the_arena_when_its_caches_are_large(session, monkeypatch):
+    """ONNX Runtime's arena grows by doubling: beside caches of over a quarter of the machine's memory
+    it did not fit (Real-ESRGAN x4plus at 512x512 input, 8.3 GB of caches on 24 GB: killed)."""
+    import ssic.targets.ort as ort_backend
+
+    backend = session.backend
+    assert backend._options("prime").enable_cpu_mem_arena  # small caches: the arena serves
+    monkeypatch.setattr(ort_backend, "physical_memory", lambda: 3 * session.manifest.cache_bytes())
+    assert not backend._options("prime").enable_cpu_mem_arena
+    assert backend._options("sparse").enable_cpu_mem_arena  # only the prime gives it up
+    monkeypatch.setattr(ort_backend, "physical_memory", lambda: 0)  # unknown: keep the arena
+    assert backend._options("prime").enable_cpu_mem_arena

@@ -22,6 +22,22 @@ _NUMPY_TYPES = {"float": np.float32, "float32": np.float32, "float16": np.float1
                 "bool": np.bool_}
 
 
+#: the prime runs without ONNX Runtime's arena when its caches take more than this fraction of the
+#: machine's memory (then every intermediate page-faults on first touch: a prime costs up to 2x a
+#: dense run instead of ~1x, BENCHMARKS.md "Prime")
+PRIME_ARENA_MAX_FRACTION = 0.25
+
+
+def physical_memory() -> int:
+    """The machine's physical memory in bytes (``os.sysconf``; 0 where unknown, as on Windows)."""
+    import os
+
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
 class OrtBackend(Backend):
     """Runs ``dense``, ``prime``, ``sparse`` and ``mask`` graphs on ONNX Runtime's CPU provider."""
 
@@ -79,6 +95,11 @@ class OrtBackend(Backend):
             # intermediate was a fresh allocation whose pages fault on first touch: a prime cost 1.3x a
             # dense run on DDIM and 2x on OIDN at 1024x1024, 1.05x and 1.0x with it (BENCHMARKS.md).
             so.enable_mem_pattern = False
+            memory = physical_memory()
+            if memory and self.manifest.cache_bytes() > PRIME_ARENA_MAX_FRACTION * memory:
+                # the arena grows by doubling: beside caches this large it does not fit (Real-ESRGAN x4plus
+                # at 512x512 input, 8.3 GB of caches: killed at 24.3 GB with it, 18.2 GB peak without)
+                so.enable_cpu_mem_arena = False
         if which in ("sparse", "mask"):
             # every edit has other tile counts, so other shapes: ONNX Runtime would keep one memory
             # pattern per shape and grow for hours in a server (measured: +2.3 MB per 1,000 edits)
