@@ -150,8 +150,9 @@ class OrtBackend(Backend):
         return owned
 
     @staticmethod
-    def _fetch(io, names, owned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        values = io.get_outputs()
+    def _fetch(values, names, owned: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """``names``' arrays from the bound output ``values`` (in binding order): the buffers of
+        ``owned``, copies of the others."""
         return {n: owned[n] if n in owned else np.array(v.numpy(), copy=True)
                 for n, v in zip(names, values, strict=True)}
 
@@ -163,7 +164,7 @@ class OrtBackend(Backend):
         owned = self._bind_outputs(io, self.output_names)
         sess.run_with_iobinding(io)
         self._ran.add("dense")
-        return self._fetch(io, self.output_names, owned)
+        return self._fetch(io.get_outputs(), self.output_names, owned)
 
     def run_prime(self, inputs):
         sess = self.session("prime")
@@ -181,9 +182,11 @@ class OrtBackend(Backend):
         owned = self._bind_outputs(io, outputs)
         sess.run_with_iobinding(io)
         self._ran.add("prime")
-        fetched = self._fetch(io, list(caches) + outputs, owned)
+        # the caches were bound first: only the outputs after them are fetched (not a copy of every cache)
+        fetched = self._fetch(io.get_outputs()[len(caches):], outputs, owned)
         # a model output that is also a cache is returned as a copy: the cache's buffer is the state's
-        outputs = {n: fetched[n] if n in owned else np.array(fetched[n], copy=True) for n in self.output_names}
+        outputs = {n: fetched[n] if n in fetched else np.array(caches[n].numpy(), copy=True)
+                   for n in self.output_names}
         nbytes = self.manifest.cache_bytes()
         return outputs, caches, nbytes
 
@@ -206,7 +209,7 @@ class OrtBackend(Backend):
         owned = self._bind_outputs(io, names)
         sess.run_with_iobinding(io)
         self._ran.add("sparse")
-        return self._fetch(io, names, owned)
+        return self._fetch(io.get_outputs(), names, owned)
 
     def host_view(self, cache):
         # a CPU OrtValue's numpy() shares its buffer: writing it updates what the sparse graph binds
