@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -384,6 +385,29 @@ def test_nvcc_compiles_kernels(tmp_path, plugin):
            f"-I{REPO / 'plugins' / 'common'}", f"-I{PLUGINS}"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=170)
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_gpu_check_harness_builds(tmp_path):
+    """plugins/trt/gpu_check (the prepared GPU run of docs/tensorrt.md) links the plugins' launchers into
+    a library with its four C entry points, and its driver exits 2 with one line where no GPU answers."""
+    nvcc = _nvcc()
+    lib = tmp_path / "libssic_trt_kernel_api.so"
+    cmd = [nvcc, "-std=c++17", "-O1", "-arch=sm_75", "-shared", "-Xcompiler", "-fPIC",
+           f"-I{PLUGINS}", f"-I{REPO / 'plugins' / 'common'}", str(PLUGINS / "gpu_check" / "kernel_api.cu"),
+           str(PLUGINS / "tileGatherPlugin" / "tileGatherKernel.cu"),
+           str(PLUGINS / "tileScatterPlugin" / "tileScatterKernel.cu"), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    symbols = subprocess.run(["nm", "-D", "--defined-only", str(lib)], capture_output=True, text=True).stdout
+    for name in ("ssic_tile_gather", "ssic_tile_scatter", "ssic_error_string", "ssic_device"):
+        assert f" T {name}" in symbols, name
+    res = subprocess.run([sys.executable, str(PLUGINS / "gpu_check" / "check_kernels.py"), str(lib), "--quick"],
+                         capture_output=True, text=True, timeout=120)
+    if res.returncode == 0:  # a GPU host: the quick cases ran and matched
+        assert "0 failures" in res.stdout
+    else:
+        assert res.returncode == 2, res.stdout + res.stderr
+        assert res.stderr.startswith("error: device query: CUDA error") and res.stderr.count("\n") == 1
 
 
 def test_kernel_tile_arithmetic_on_cpu(tmp_path):
