@@ -117,8 +117,12 @@ def _brush(name, area, seed=7, base="sdedit", preset="full"):
     try:  # the main benchmark's edit, when that module is there
         from ssic.bench import edited_inputs
 
-        edited = edited_inputs({"mask": {"source_input": src}, "model": {"family": name}}, inputs, mask,
-                               seed=seed + 1)
+        from types import SimpleNamespace
+
+        # the two manifest fields edited_inputs reads (ssic.artefact.Manifest), for an NCHW input
+        source = SimpleNamespace(input=src, height=h, width=w, channel_axis=1)
+        manifest = SimpleNamespace(mask=SimpleNamespace(primary=source), model=SimpleNamespace(family=name))
+        edited = edited_inputs(manifest, inputs, mask, seed=seed + 1)
     except ImportError:
         rng = np.random.default_rng(seed + 1)
         x = inputs[src].copy()
