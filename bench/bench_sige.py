@@ -115,9 +115,9 @@ def _brush(name, area, seed=7, base="sdedit", preset="full"):
     h, w = inputs[src].shape[2:]
     mask = brush_stroke_mask(h, w, area, seed=seed)
     try:  # the main benchmark's edit, when that module is there
-        from ssic.bench import edited_inputs
-
         from types import SimpleNamespace
+
+        from ssic.bench import edited_inputs
 
         # the two manifest fields edited_inputs reads (ssic.artefact.Manifest), for an NCHW input
         source = SimpleNamespace(input=src, height=h, width=w, channel_axis=1)
