@@ -2,7 +2,8 @@
 
 ``compile_model`` resolves the options (:mod:`ssic.options`), then runs a named pipeline of phases
 (:data:`PHASES`): ``preprocess`` (an onnx-ir ``PassManager`` of small passes), ``plan``, ``sparsify``,
-``lower-standard`` (standard lowering only), ``build-prime``, ``build-mask`` and ``validate``. Each
+``lower-standard`` (standard lowering only), ``fuse-tile-conv`` and ``fuse-tile-moments`` (ONNX
+Runtime with the fused lowering only), ``build-prime``, ``build-mask`` and ``validate``. Each
 phase has a postcondition checked right after it; a failure names the phase. The artefact is written
 atomically by :func:`ssic.artefact.write_artefact` after every graph was checked with the ONNX checker
 and loaded once by ONNX Runtime (with the op library), so a failed compile leaves nothing behind.
@@ -168,6 +169,12 @@ def _run_fuse_tile_conv(state: CompileState, log) -> bool:
     return FuseTileConvPass()(state.sparse).modified
 
 
+def _run_fuse_tile_moments(state: CompileState, log) -> bool:
+    from ssic.passes.fuse_tile_moments import FuseTileMomentsPass
+
+    return FuseTileMomentsPass()(state.sparse).modified
+
+
 def _ensure_fused(state: CompileState) -> None:
     for n in state.sparse.graph.all_nodes():
         if n.domain == "ssic" and n.op_type == "TileConv":
@@ -228,6 +235,8 @@ PHASES: list[Phase] = [
     Phase("lower-standard", _run_lower_standard, _ensure_standard,
           applies=lambda o: o.lowering == "standard"),
     Phase("fuse-tile-conv", _run_fuse_tile_conv, _ensure_fused, required=False,
+          applies=lambda o: o.lowering == "fused" and o.target == "ort"),
+    Phase("fuse-tile-moments", _run_fuse_tile_moments, required=False,
           applies=lambda o: o.lowering == "fused" and o.target == "ort"),
     Phase("build-prime", _run_build_prime, _ensure_prime),
     Phase("build-mask", _run_build_mask, _ensure_mask),

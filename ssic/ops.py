@@ -53,6 +53,7 @@ TYPE_CONSTRAINTS: dict[str, tuple[tuple[str, ...], str]] = {
     "T": (("tensor(float)",), "float tensors"),
     "TC": (("tensor(float)", "tensor(float16)"), "the cache: float32, or float16 (converted on read)"),
     "I": (("tensor(int64)",), "tile corners"),
+    "TD": (("tensor(double)",), "float64 sums"),
 }
 
 
@@ -201,7 +202,25 @@ TILE_CONV = OpSpec(
     "fuse-tile-conv pass builds it from TileGather -> MatMul/Gemm [-> Add]). Output float32.",
 )
 
-OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER, TILE_CONV.name: TILE_CONV}
+TILE_MOMENTS = OpSpec(
+    name="TileMoments",
+    inputs=(
+        InputSpec("tiles", "T", doc="[n*t*t, C] new values of the active tiles"),
+        InputSpec("cache", "TC", doc="[H, W, C] NHWC prime-run values; float32 or float16"),
+        InputSpec("idx", "I", doc="[n, 2] top-left (y, x) of each tile"),
+    ),
+    outputs=(InputSpec("sum", "TD", doc="[C] sum over the tiles' in-image pixels of new - old"),
+             InputSpec("sumsq", "TD", doc="[C] the same sum of new^2 - old^2")),
+    attributes=(AttrSpec("tile", int, None, "tile size t", min=1),),
+    doc="How the per-channel sum and sum of squares of a tensor change when the active tiles take "
+    "new values: sums over every listed tile's in-image pixels of (new - old) and (new - old) * "
+    "(new + old), old read from the cache. The incremental GroupNorm statistics' correction in one "
+    "pass (ONNX Runtime CPU only; the fused lowering's fuse-tile-moments pass builds it from the "
+    "standard-op form the sparse rewrite emits). Outputs float64.",
+)
+
+OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER, TILE_CONV.name: TILE_CONV,
+                          TILE_MOMENTS.name: TILE_MOMENTS}
 
 
 # --------------------------------------------------------------------------------------------
@@ -309,8 +328,19 @@ def _infer_tile_scatter(ctx) -> None:
     ctx.set_output_type(0, _float_type(cache))
 
 
+def _infer_tile_moments(ctx) -> None:
+    tiles, cache = _dims(ctx.get_input_type(0)), _dims(ctx.get_input_type(1))
+    c = tiles[1] if tiles is not None and len(tiles) == 2 else None
+    if c is None and cache is not None and len(cache) == 3:
+        c = cache[2]
+    for i in range(2):
+        tp = _float_type([c])
+        tp.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+        ctx.set_output_type(i, tp)
+
+
 _INFER = {TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter,
-          TILE_CONV.name: _infer_tile_conv}
+          TILE_CONV.name: _infer_tile_conv, TILE_MOMENTS.name: _infer_tile_moments}
 
 _ATTR_TYPES = {int: defs.OpSchema.AttrType.INT, float: defs.OpSchema.AttrType.FLOAT}
 
@@ -503,3 +533,22 @@ def tile_scatter_ref(tiles, cache, idx, residual=None, *, tile: int,
     return np.ascontiguousarray(full.transpose(2, 0, 1)[None])
 
 
+
+
+def tile_moments_ref(tiles, cache, idx, *, tile: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return TileMoments' ``(sum, sumsq)`` (float64 ``[C]`` each): over every tile in ``idx`` (a tile
+    listed twice counts twice) and its in-image pixels, ``sum(new - old)`` and ``sum(new^2 - old^2)``
+    computed as ``(new - old) * (new + old)``; ``old`` read from the NHWC ``cache`` (float32 or
+    float16). Raises ``ValueError`` for invalid tile corners."""
+    cache = _cache_as_float32(cache)
+    h, w, c = cache.shape
+    idx = _check_idx(idx, tile, h, w, "TileMoments idx")
+    new = np.asarray(tiles, np.float32).reshape(len(idx), tile, tile, c)
+    s1, s2 = np.zeros(c, np.float64), np.zeros(c, np.float64)
+    for i, (y, x) in enumerate(idx):
+        hh, ww = min(tile, h - y), min(tile, w - x)
+        nv, ov = new[i, :hh, :ww].reshape(-1, c), cache[y:y + hh, x:x + ww].reshape(-1, c)
+        d = nv - ov
+        s1 += d.sum(0, dtype=np.float64)
+        s2 += (d * (nv + ov)).sum(0, dtype=np.float64)
+    return s1, s2

@@ -55,6 +55,10 @@ def _ops(art: Path, file: str) -> list[str]:
     return sorted(n.op_type for n in onnx.load(str(art / file)).graph.node)
 
 
+def _ssic_ops(art: Path, file: str) -> set[str]:
+    return {n.op_type for n in onnx.load(str(art / file)).graph.node if n.domain == "ssic"}
+
+
 def _mask_attrs(art: Path) -> list:
     return [(n.op_type, [(a.name, list(a.ints)) for a in n.attribute]) for n in onnx.load(str(art / "mask.onnx")).graph.node]
 
@@ -62,7 +66,7 @@ def _mask_attrs(art: Path) -> list:
 # option -> (value, check(default artefact, new artefact) -> bool, what it must change)
 ROWS = {
     "target": ("trt", None, "refused without TensorRT, else trt engines"),
-    "lowering": ("standard", lambda a, b: "TileGather" in _ops(a, "sparse.onnx") and "TileGather" not in _ops(b, "sparse.onnx"),
+    "lowering": ("standard", lambda a, b: _ssic_ops(a, "sparse.onnx") and not _ssic_ops(b, "sparse.onnx"),
                  "sparse graph without ssic ops"),
     "exact": (True, lambda a, b: read_manifest(b).mask.mode == "exact" and _mask_attrs(a) != _mask_attrs(b), "mask graph"),
     "sparse_min_res": (32, lambda a, b: {g.name for g in read_manifest(b).grids} == {"32x32"}

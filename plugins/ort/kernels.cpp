@@ -536,4 +536,51 @@ std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const Par
   return {};
 }
 
+std::string tile_moments(const MomentsArgs& a, const ParallelFor& pfor) {
+  if ((a.cache == nullptr) == (a.cache_f16 == nullptr)) return "TileMoments: exactly one cache pointer must be set";
+  const TileGrid grid = make_grid(a.height, a.width, a.tile);
+  for (int64_t j = 0; j < a.n; ++j) {
+    if (!valid_corner(grid, a.idx[2 * j], a.idx[2 * j + 1]))
+      return "TileMoments idx: tile corner (" + std::to_string(a.idx[2 * j]) + ", " +
+             std::to_string(a.idx[2 * j + 1]) + ") is not a multiple of " + std::to_string(a.tile) + " inside " +
+             std::to_string(a.height) + "x" + std::to_string(a.width);
+  }
+  const int64_t c = a.channels, t = a.tile;
+  // Per-tile float sums, then a double sum in tile order: the result does not depend on how the
+  // tiles were split between threads.
+  std::vector<float> part(static_cast<size_t>(2 * a.n * c), 0.0f);
+  pfor(a.n, [&](int64_t begin, int64_t end) {
+    std::vector<float> old(static_cast<size_t>(c));
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t y0 = a.idx[2 * j], x0 = a.idx[2 * j + 1];
+      const int64_t hh = clipped_extent(y0, t, a.height), ww = clipped_extent(x0, t, a.width);
+      float* f1 = part.data() + 2 * j * c;
+      float* f2 = f1 + c;
+      for (int64_t py = 0; py < hh; ++py) {
+        for (int64_t px = 0; px < ww; ++px) {
+          const float* nv = a.tiles + ((j * t + py) * t + px) * c;
+          const int64_t at = ((y0 + py) * a.width + x0 + px) * c;
+          const float* ov = a.cache ? a.cache + at : old.data();
+          if (a.cache_f16) halfs_to_floats(a.cache_f16 + at, old.data(), c);
+          for (int64_t k = 0; k < c; ++k) {  // vectorised over channels
+            const float d = nv[k] - ov[k];
+            f1[k] += d;
+            f2[k] += d * (nv[k] + ov[k]);
+          }
+        }
+      }
+    }
+  });
+  std::fill(a.sum, a.sum + c, 0.0);
+  std::fill(a.sumsq, a.sumsq + c, 0.0);
+  for (int64_t j = 0; j < a.n; ++j) {
+    const float* f1 = part.data() + 2 * j * c;
+    for (int64_t k = 0; k < c; ++k) {
+      a.sum[k] += f1[k];
+      a.sumsq[k] += f1[c + k];
+    }
+  }
+  return {};
+}
+
 }  // namespace ssic

@@ -65,6 +65,17 @@ struct ConvArgs {
 // Rows per block of TileConv (the block's source windows stay in L2 while it is multiplied).
 constexpr int64_t kConvBlockRows = 96;
 
+// TileMoments: the change of the per-channel sums under the active tiles (ssic/ops.py tile_moments_ref).
+struct MomentsArgs {
+  const float* tiles;         // [n*t*t, C] new values
+  const float* cache;         // [H, W, C] NHWC, float32 (or nullptr)
+  const uint16_t* cache_f16;  // [H, W, C] NHWC, float16 (or nullptr)
+  const int64_t* idx;         // [n, 2]
+  int64_t n, tile, height, width, channels;
+  double* sum;                // [C]: sum of new - old over the tiles' in-image pixels
+  double* sumsq;              // [C]: sum of (new - old) * (new + old)
+};
+
 // float16 (IEEE binary16 bits) -> float32, exact for every value (subnormals, infinities, NaNs).
 float half_to_float(uint16_t h);
 // dst[i] = half_to_float(src[i]) for i < n: F16C instructions where the CPU has them (checked at run
@@ -77,5 +88,7 @@ std::string tile_gather(const GatherParams& p, const GatherArgs& a, const Parall
 // read once and the GEMM reads its taps through pointers (gemm_indirect_accumulate; args.cols unused).
 std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs& c, const ParallelFor& pfor);
 std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor);
+// One pass over each tile's rows and the cache under it; per-tile float sums added up in double.
+std::string tile_moments(const MomentsArgs& a, const ParallelFor& pfor);
 
 }  // namespace ssic
