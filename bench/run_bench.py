@@ -44,7 +44,15 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
 
 
+#: Artefacts compiled in this run; with ``--reuse-artefacts`` an existing one is used as it is.
+_COMPILED: set[Path] = set()
+_REUSE = False
+
+
 def prepare(name: str, out: Path, log, extra: dict | None = None, tag: str = "") -> Path:
+    """The artefact of ``name``'s full preset, compiled once per run by the compiler checked out now
+    (an artefact left from an earlier run was built by an earlier compiler; ``--reuse-artefacts``
+    keeps it)."""
     from ssic.models import export_model
     from ssic.models.export import tag_model
 
@@ -54,9 +62,10 @@ def prepare(name: str, out: Path, log, extra: dict | None = None, tag: str = "")
         export_model(name, "full", onnx_path, seed=0)
         tag_model(onnx_path, name, "full")
     art = out / f"{name}_full{tag}.ssic"
-    if not (art / "manifest.json").exists():
+    if not (art / "manifest.json").exists() or (art not in _COMPILED and not _REUSE):
         log(f"[{name}] compiling{tag}")
         ssic.compile(onnx_path, output_dir=art, force=True, **(extra or {}))
+        _COMPILED.add(art)
     return art
 
 
@@ -302,7 +311,11 @@ def main() -> None:
     ap.add_argument("--report-only", action="store_true", help="rewrite the report from bench/results/results.json")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of models not re-run from bench/results/results.json")
+    ap.add_argument("--reuse-artefacts", action="store_true",
+                    help="use the artefacts an earlier run left in --out instead of compiling them again")
     args = ap.parse_args()
+    global _REUSE
+    _REUSE = args.reuse_artefacts
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
