@@ -44,15 +44,14 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}, onnxruntime {onnxruntime.__version__}"
 
 
-#: Artefacts compiled in this run; with ``--reuse-artefacts`` an existing one is used as it is.
-_COMPILED: set[Path] = set()
+#: With ``--reuse-artefacts`` an existing artefact is used even when another build of ssic compiled it.
 _REUSE = False
 
 
 def prepare(name: str, out: Path, log, extra: dict | None = None, tag: str = "") -> Path:
-    """The artefact of ``name``'s full preset, compiled once per run by the compiler checked out now
-    (an artefact left from an earlier run was built by an earlier compiler; ``--reuse-artefacts``
-    keeps it)."""
+    """The artefact of ``name``'s full preset, compiled by the compiler checked out now: an artefact
+    an earlier run left is reused only while its ``compiler_digest`` matches (``--reuse-artefacts``
+    keeps it regardless)."""
     from ssic.models import export_model
     from ssic.models.export import tag_model
 
@@ -62,10 +61,11 @@ def prepare(name: str, out: Path, log, extra: dict | None = None, tag: str = "")
         export_model(name, "full", onnx_path, seed=0)
         tag_model(onnx_path, name, "full")
     art = out / f"{name}_full{tag}.ssic"
-    if not (art / "manifest.json").exists() or (art not in _COMPILED and not _REUSE):
+    from ssic.artefact import is_current
+
+    if not (art / "manifest.json").exists() or not (_REUSE or is_current(art)):
         log(f"[{name}] compiling{tag}")
         ssic.compile(onnx_path, output_dir=art, force=True, **(extra or {}))
-        _COMPILED.add(art)
     return art
 
 
@@ -312,7 +312,8 @@ def main() -> None:
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of models not re-run from bench/results/results.json")
     ap.add_argument("--reuse-artefacts", action="store_true",
-                    help="use the artefacts an earlier run left in --out instead of compiling them again")
+                    help="use the artefacts an earlier run left in --out even when another build of ssic "
+                         "compiled them")
     args = ap.parse_args()
     global _REUSE
     _REUSE = args.reuse_artefacts

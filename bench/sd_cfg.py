@@ -43,7 +43,7 @@ def main() -> None:
     import onnxruntime as ort
 
     import ssic
-    from ssic.artefact import read_manifest
+    from ssic.artefact import is_current, read_manifest
     from ssic.latent import GuidedUNet
     from ssic.masks import brush_stroke_mask
     from ssic.models.export import export_sd
@@ -58,8 +58,8 @@ def main() -> None:
     if not b2.exists():
         export_sd("sd-unet", args.preset, b2, seed=0, size=size, batch=2)
     art = out / f"unet_{args.preset}_{args.size}.ssic"
-    if not art.exists():
-        ssic.compile(b1, output_dir=art)
+    if not is_current(art):  # absent, or compiled by another build of ssic
+        ssic.compile(b1, output_dir=art, force=True)
     # ONNX Runtime dense at batch 2 first (its session freed before ssic loads: the full UNet's weights
     # are 3.4 GB per session)
     spec = read_manifest(art).input("sample").shape

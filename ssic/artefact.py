@@ -11,6 +11,8 @@ An artefact directory holds ``manifest.json`` and the ONNX graphs it names (``de
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import os
 import shutil
@@ -176,6 +178,7 @@ class Manifest(_Strict):
     format: Literal["ssic-artefact"] = FORMAT
     format_version: int = FORMAT_VERSION
     ssic_version: str
+    compiler_digest: str = ""  # compiler_digest() of the ssic that compiled it ("" before it was recorded)
     target: Literal["ort", "trt"]
     lowering: Literal["fused", "standard"]
     exact: bool
@@ -240,6 +243,29 @@ def json_schema() -> dict:
     schema["$id"] = "https://ssic.invalid/manifest.schema.json"
     schema["title"] = f"ssic artefact manifest, format version {FORMAT_VERSION}"
     return schema
+
+
+@functools.cache
+def compiler_digest() -> str:
+    """sha256 (hex) of this ssic package's Python sources: the compiler that writes an artefact.
+
+    ``ssic_version`` names a release; two builds of one release (a checkout between two commits, an
+    edited install) compile differently, so caches of compiled artefacts (``ssic demo``, the
+    benchmarks) compare this digest, not the version."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def is_current(path: str | os.PathLike) -> bool:
+    """Whether the artefact at ``path`` exists, reads, and was compiled by this ssic (its manifest's
+    ``compiler_digest`` is :func:`compiler_digest`); False otherwise, never raises."""
+    try:
+        return read_manifest(path).compiler_digest == compiler_digest()
+    except (SSICError, OSError):
+        return False
 
 
 def read_manifest(path: str | os.PathLike) -> Manifest:

@@ -34,6 +34,7 @@ from ssic.artefact import (
     ModelInfo,
     OpLibrary,
     TensorSpec,
+    compiler_digest,
     write_artefact,
 )
 from ssic.errors import SSICError
@@ -528,7 +529,7 @@ def _manifest(state: CompileState, metadata: dict[str, str]) -> Manifest:
                           dtype=str(v.dtype.name).lower() if v.dtype else "float")
 
     return Manifest(
-        ssic_version=__version__, target=opts.target, lowering=opts.lowering, exact=opts.exact,
+        ssic_version=__version__, compiler_digest=compiler_digest(), target=opts.target, lowering=opts.lowering, exact=opts.exact,
         gn_stats=opts.gn_stats, fallback_ratio=opts.fallback_ratio, sparse_min_res=plan.min_res,
         model=ModelInfo(family=metadata.get("ssic.model"), producer=proto.producer_name, metadata=metadata),
         opsets={(o.domain or "ai.onnx"): o.version for o in proto.opset_import} | (

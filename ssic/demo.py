@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ssic.artefact import is_current
 from ssic.errors import SSICError
 
 
@@ -56,7 +57,7 @@ def run_demo(preset: str = "tiny", steps: int = 10, out_dir: Path = Path("out/de
         log(f"exporting the DDIM UNet ({preset}, {'weights ' + str(weights) if weights else 'random weights'}) to {onnx_path}")
         export_model("ddim", preset, onnx_path, seed=0, weights=weights)
         tag_model(onnx_path, "ddim", preset)
-    if not (art / "manifest.json").exists():
+    if not is_current(art):  # absent, or compiled by another build of ssic
         log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
         ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True)
     sess = ssic.load(art, threads=threads)
@@ -98,7 +99,8 @@ def _load_sessions(sess) -> None:
 
 def _trained_artefact(model: str, variant: str, size: int, out_dir: Path, log, radius_budget: int | None = None) -> Path:
     """Export ``model``/``variant`` at ``size`` x ``size`` with its trained weights and compile it for
-    ONNX Runtime (fused ops), each step once: later demos reuse the files in ``out_dir``."""
+    ONNX Runtime (fused ops), each step once: later demos reuse the files in ``out_dir`` (the artefact
+only while this build of ssic compiled it, :func:`ssic.artefact.is_current`)."""
     import ssic
     from ssic.models.export import export_trained
 
@@ -109,7 +111,7 @@ def _trained_artefact(model: str, variant: str, size: int, out_dir: Path, log, r
     if not onnx_path.exists():
         log(f"exporting {model} {variant} at {size}x{size} (trained weights, fetched once) to {onnx_path}")
         export_trained(model, variant, f"{size}x{size}", onnx_path)
-    if not (art / "manifest.json").exists():
+    if not is_current(art):  # absent, or compiled by another build of ssic
         log(f"compiling {onnx_path} -> {art} (ONNX Runtime, fused ops)")
         ssic.compile(onnx_path, target="ort", lowering="fused", output_dir=art, force=True,
                      radius_budget=radius_budget)

@@ -88,3 +88,23 @@ def test_no_private_names_imported_across_modules():
 def test_manifest_schema_doc_is_current():
     doc = json.loads((ROOT / "docs" / "manifest.schema.json").read_text())
     assert doc == json_schema(), "docs/manifest.schema.json is stale: python -m ssic.artefact --schema > docs/manifest.schema.json"
+
+
+def test_artefact_records_the_compiler_that_built_it(tmp_path):
+    """Caches of compiled artefacts (ssic demo, the benchmarks) reuse one only while this build of
+    ssic compiled it: the manifest's compiler_digest, not ssic_version, which two builds share."""
+    import ssic
+    from ssic.artefact import compiler_digest, is_current, read_manifest
+    from ssic.models import export_model
+
+    art = ssic.compile(export_model("ddim", "tiny", tmp_path / "m.onnx", seed=0), output_dir=tmp_path / "m.ssic")
+    assert read_manifest(art).compiler_digest == compiler_digest() and len(compiler_digest()) == 64
+    assert is_current(art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["compiler_digest"] = "0" * 64  # as an earlier build would have written
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert not is_current(art)
+    del manifest["compiler_digest"]  # an artefact from before the digest was recorded still reads
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    assert read_manifest(art).compiler_digest == "" and not is_current(art)
+    assert not is_current(tmp_path / "absent.ssic")
