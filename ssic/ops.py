@@ -168,16 +168,20 @@ TILE_GATHER = OpSpec(
     "per-channel scale/shift and activation. Output float32.",
 )
 
+#: The tile corners input and tile size attribute of TileScatter and TileMoments.
+_TILE_ATTR = AttrSpec("tile", int, None, "tile size t", min=1)
+_TILE_IDX = InputSpec("idx", "I", doc="[n, 2] top-left (y, x) of each tile")
+
 TILE_SCATTER = OpSpec(
     name="TileScatter",
     inputs=(
         InputSpec("tiles", "T", doc="[n*t*t, C] tile tensor"),
         InputSpec("cache", "TC", doc="[1, C, H, W] NCHW full tensor; float32 or float16"),
-        InputSpec("idx", "I", doc="[n, 2] top-left (y, x) of each tile"),
+        _TILE_IDX,
         InputSpec("residual", "T", optional=True, doc="[n*t*t, C] added to the tiles"),
     ),
     outputs=(InputSpec("out", "T", doc="[1, C, H, W] cache with the active tiles overwritten"),),
-    attributes=(AttrSpec("tile", int, None, "tile size t", min=1), *_ACT_ATTRS),
+    attributes=(_TILE_ATTR, *_ACT_ATTRS),
     doc="Materialise a full float32 NCHW tensor: the cache (float32 or float16) with every active "
     "tile's in-image pixels replaced by act(tiles + residual).",
 )
@@ -207,11 +211,11 @@ TILE_MOMENTS = OpSpec(
     inputs=(
         InputSpec("tiles", "T", doc="[n*t*t, C] new values of the active tiles"),
         InputSpec("cache", "TC", doc="[H, W, C] NHWC prime-run values; float32 or float16"),
-        InputSpec("idx", "I", doc="[n, 2] top-left (y, x) of each tile"),
+        _TILE_IDX,
     ),
     outputs=(InputSpec("sum", "TD", doc="[C] sum over the tiles' in-image pixels of new - old"),
              InputSpec("sumsq", "TD", doc="[C] the same sum of new^2 - old^2")),
-    attributes=(AttrSpec("tile", int, None, "tile size t", min=1),),
+    attributes=(_TILE_ATTR,),
     doc="How the per-channel sum and sum of squares of a tensor change when the active tiles take "
     "new values: sums over every listed tile's in-image pixels of (new - old) and (new - old) * "
     "(new + old), old read from the cache. The incremental GroupNorm statistics' correction in one "
