@@ -100,6 +100,19 @@ def test_blocks_threads_and_splits_cover_every_row_once(tiles, c, cout, threads)
     np.testing.assert_allclose(got, _ref(feeds, attrs), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("tiles,c,cout", [(30, 160, 200), (100, 128, 240)])
+def test_streamed_weights_blocks_and_repeated_calls(tiles, c, cout, threads):
+    """Weights over kConvResidentWeights (1 MiB) take the large blocks with their columns split, and a
+    thread keeps one block's windows across the parts it takes: two calls in a row on one session (other
+    tiles, other values) each equal the reference, so no call reads windows another call gathered."""
+    for seed in (0, 1):
+        feeds, attrs = _block_case(tiles - seed, c, cout, seed=seed)
+        assert 9 * c * cout * 4 > 1 << 20
+        got = run_op("TileConv", feeds, threads=threads, **attrs)
+        np.testing.assert_allclose(got, _ref(feeds, attrs), rtol=1e-4, atol=1e-4)
+
+
 def test_portable_micro_kernel_matches():
     """SSIC_DISABLE_AVX2=1 selects the portable micro-kernel; it gives the reference too."""
     code = (

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -468,29 +469,28 @@ std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs
   std::string err = plan_gather(p, a, "TileConv", plan, produce);
   if (!err.empty() || a.n == 0) return err;
   const int64_t t = p.tile, taps = p.kernel * p.kernel, N = c.cout, tile_rows = t * t;
-  // Blocks of whole output tiles, up to 96 rows: their source windows (read once each, through the
-  // epilogue) stay in L2 while every column panel multiplies them through the tap pointers; no im2col
-  // row is written. Smaller row counts get smaller blocks (down to 24 rows, four register tiles) so that
-  // there are about 16 of them to balance over the threads; up to 96 rows are one block, whose columns
-  // are split instead (with fewer than 8 blocks each part gathers its block, and the weights are read once).
   const int64_t m_rows = a.n * tile_rows;
-  const int64_t block_rows = m_rows <= kConvBlockRows
-                                 ? m_rows
-                                 : std::max<int64_t>(24, std::min<int64_t>(kConvBlockRows, m_rows / 16));
+  const int64_t panels = (N + kGemmNr - 1) / kGemmNr;
+  const int64_t block_rows = conv_block_rows(m_rows, taps * a.channels * N * 4);
   const int64_t per_block = std::max<int64_t>(1, block_rows / tile_rows);
   const int64_t blocks = (a.n + per_block - 1) / per_block;
-  const int64_t panels = (N + kGemmNr - 1) / kGemmNr;
+  // With fewer than 8 blocks the columns are split too, so that the threads have about 8 parts to share;
+  // a thread that takes several parts of one block gathers its windows once (`gathered` below).
   const int64_t splits = blocks >= 8 ? 1 : std::min(panels, (8 + blocks - 1) / blocks);
+  static std::atomic<uint64_t> calls{0};
+  const uint64_t call = ++calls;
   pfor(blocks * splits, [&](int64_t begin, int64_t end) {
     thread_local std::vector<float> windows;
     thread_local std::vector<const float*> tap_ptrs;
-    int64_t gathered = -1;  // the block whose windows are in `windows`
+    thread_local uint64_t gathered_call = 0;
+    thread_local int64_t gathered = -1;  // the block of call `gathered_call` whose windows are in `windows`
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / splits, part = w % splits;
       const int64_t j0 = b * per_block, j1 = std::min(a.n, j0 + per_block);
       const int64_t r0 = j0 * tile_rows, rows = (j1 - j0) * tile_rows;
-      if (gathered != b) {
+      if (gathered_call != call || gathered != b) {
         produce.windows(plan, j0, j1, windows, tap_ptrs);
+        gathered_call = call;
         gathered = b;
       }
       const int64_t n0 = panels * part / splits * kGemmNr;
