@@ -10,7 +10,7 @@ the process's peak RSS, and the package's own dense engine (OIDN 2.5.1's library
 CPU path, which runs the image padded by 10 pixels per side) on the same input.
 
 Each (model, size) runs in its own process (``--one``) so that its peak memory is its own.
-Compiles use the defaults (Real-ESRGAN: bounded exact mode, budget 32; OIDN: default mode).
+Compiles use the defaults (Real-ESRGAN: bounded exact mode, budget 32, tiles of 4; OIDN: default mode).
 
     python bench/trained_grid.py                      # the whole grid -> bench/results/trained.json
     python bench/trained_grid.py --only realesrgan:128,oidn:512 --merge
@@ -237,7 +237,7 @@ def section(results: dict) -> str:
              f"{results['date']}; 2 intra-op threads for ONNX "
              "Runtime and ssic; the package engines as noted. Dense = ONNX Runtime on the exported model "
              "(median over the size's edits); sparse = ssic default compile (Real-ESRGAN: bounded exact "
-             "mode, budget 32; OIDN: default mode), median of "
+             "mode, budget 32, tiles of 4; OIDN: default mode), median of "
              f"{results['runs']} run(s) after a warm-up. PSNR over the whole output, peak 1. Rows measured "
              "with a 1-minute load average above 2.5 are marked *loaded*.", "",
              "![speedup and PSNR of the trained models](bench/results/trained.png)", "",
