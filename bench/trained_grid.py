@@ -230,6 +230,19 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _runs_text(rows: list[dict], default: int) -> str:
+    """How many timed sparse runs each model's rows took ("5 runs", or per model when they differ)."""
+    # rows merged from an earlier run keep their own count
+    per = {}
+    for r in rows:
+        per.setdefault(r["model"], set()).add(r.get("runs", default))
+    counts = {m: "/".join(str(n) for n in sorted(v)) for m, v in per.items()}
+    if len(set(counts.values())) <= 1:
+        n = next(iter(counts.values()), str(default))
+        return f"{n} run(s)"
+    return "runs: " + ", ".join(f"{m} {n}" for m, n in counts.items())
+
+
 def section(results: dict) -> str:
     rows = results["rows"]
     lines = [BEGIN, "## Trained models: the grid (Real-ESRGAN x4plus, OIDN rt_ldr)", "",
@@ -237,8 +250,8 @@ def section(results: dict) -> str:
              f"{results['date']}; 2 intra-op threads for ONNX "
              "Runtime and ssic; the package engines as noted. Dense = ONNX Runtime on the exported model "
              "(median over the size's edits); sparse = ssic default compile (Real-ESRGAN: bounded exact "
-             "mode, budget 32, tiles of 4; OIDN: default mode), median of "
-             f"{results['runs']} run(s) after a warm-up. PSNR over the whole output, peak 1. Rows measured "
+             "mode, budget 32, tiles of 4; OIDN: default mode), median of the timed runs after a warm-up "
+             f"({_runs_text(rows, results['runs'])}). PSNR over the whole output, peak 1. Rows measured "
              "with a 1-minute load average above 2.5 are marked *loaded*.", "",
              "![speedup and PSNR of the trained models](bench/results/trained.png)", "",
              "| model, input | edit | edited | tiles active | ORT dense s | ssic sparse s | speedup | MAC ratio | "
