@@ -156,7 +156,7 @@ def run_model(name: str, out: Path, runs: int, log, variant: dict | None = None,
         edits.append((base, edited_inputs(sess.manifest, base, mask, seed=8), mask, f"brush {100 * area:g}%"))
     for original, edited, mask, label in edits:
         log(f"[{name}{tag}] {label}")
-        r = benchmark(sess, original, edited, mask, runs=runs, warmup=1)
+        r = benchmark(sess, original, edited, mask, runs=runs, warmup=1, prime_runs=3)
         r.update(model=name, variant=tag.strip("_") or "default", edit=label)
         if label.startswith("real") or label == "brush 1.2%":
             r["profile_ms"] = profile_sparse(sess, edited, mask)
@@ -237,7 +237,7 @@ def report(results: dict, path: Path, cmd: str) -> None:
              "alternately in one process after a warm-up, median of "
              f"{results['runs']} runs. Quality: sparse output against the dense model on the edited "
              "input, PSNR (peak 2) inside and outside the (dilated) edit mask, beside doing nothing. Prime / dense: "
-             "one warm prime run (the dense run that also writes the caches) over the dense median; commit: "
+             "the median of three warm prime runs (the dense run that also writes the caches) over the dense median; commit: "
              "folding the edit into the caches (`Session.commit`, incremental or a re-prime).", "",
              f"Generated {results['date']} in {results['seconds'] / 60:.0f} min.", "",
              "![speedup vs edited area](bench/results/speedup.png)", "",
