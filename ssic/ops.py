@@ -537,8 +537,6 @@ def tile_scatter_ref(tiles, cache, idx, residual=None, *, tile: int,
     return np.ascontiguousarray(full.transpose(2, 0, 1)[None])
 
 
-
-
 def tile_moments_ref(tiles, cache, idx, *, tile: int) -> tuple[np.ndarray, np.ndarray]:
     """Return TileMoments' ``(sum, sumsq)`` (float64 ``[C]`` each): over every tile in ``idx`` (a tile
     listed twice counts twice) and its in-image pixels, ``sum(new - old)`` and ``sum(new^2 - old^2)``

@@ -2,9 +2,9 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <atomic>
 #include <cstring>
 #include <type_traits>
 
@@ -174,16 +174,19 @@ inline void read_cached(const uint16_t* src, int64_t stride, const float* scale,
 }
 
 // Map from tile cell to the index of the tile covering it (-1 = not active); later entries win.
+// The error for a tile corner (y, x) that is off the grid's tile multiples or outside the image.
+std::string corner_error(const char* what, const TileGrid& grid, int64_t y, int64_t x) {
+  return std::string(what) + ": tile corner (" + std::to_string(y) + ", " + std::to_string(x) +
+         ") is not a multiple of " + std::to_string(grid.tile) + " inside " + std::to_string(grid.height) + "x" +
+         std::to_string(grid.width);
+}
+
 std::string build_cell_map(const TileGrid& grid, const int64_t* idx, int64_t count, const char* what,
                            std::vector<int32_t>& map) {
   map.assign(static_cast<size_t>(grid_cells(grid)), -1);
   for (int64_t j = 0; j < count; ++j) {
     const int64_t y = idx[2 * j], x = idx[2 * j + 1];
-    if (!valid_corner(grid, y, x)) {
-      return std::string(what) + ": tile corner (" + std::to_string(y) + ", " + std::to_string(x) +
-             ") is not a multiple of " + std::to_string(grid.tile) + " inside " +
-             std::to_string(grid.height) + "x" + std::to_string(grid.width);
-    }
+    if (!valid_corner(grid, y, x)) return corner_error(what, grid, y, x);
     map[static_cast<size_t>(corner_cell(grid, y, x))] = static_cast<int32_t>(j);
   }
   return {};
@@ -541,9 +544,7 @@ std::string tile_moments(const MomentsArgs& a, const ParallelFor& pfor) {
   const TileGrid grid = make_grid(a.height, a.width, a.tile);
   for (int64_t j = 0; j < a.n; ++j) {
     if (!valid_corner(grid, a.idx[2 * j], a.idx[2 * j + 1]))
-      return "TileMoments idx: tile corner (" + std::to_string(a.idx[2 * j]) + ", " +
-             std::to_string(a.idx[2 * j + 1]) + ") is not a multiple of " + std::to_string(a.tile) + " inside " +
-             std::to_string(a.height) + "x" + std::to_string(a.width);
+      return corner_error("TileMoments idx", grid, a.idx[2 * j], a.idx[2 * j + 1]);
   }
   const int64_t c = a.channels, t = a.tile;
   // Per-tile float sums, then a double sum in tile order: the result does not depend on how the

@@ -13,7 +13,8 @@ pass matches
 where ``cols`` has no other reader and ``W`` is a constant 2-D matrix, and replaces it with
 ``ssic::TileConv(tiles, cache, src_idx, dst_idx, pack_weight(W), scale, shift, bias, addend)``: the
 C++ kernel gathers 24-384 rows at a time (``conv_block_rows`` in ``plugins/ort/kernels.h``) into a
-buffer that stays in L2 and multiplies them there (``plugins/ort/gemm.h``). The result is the same up to float summation order.
+buffer that stays in L2 and multiplies them there (``plugins/ort/gemm.h``). The result is the same up
+to float summation order.
 
 Only the ONNX Runtime target runs it (the TensorRT plugins and the standard lowering have no
 TileConv); ``--disable-pass fuse-tile-conv`` keeps the two-op form.
