@@ -3,7 +3,8 @@
 ``compile_model`` resolves the options (:mod:`ssic.options`), then runs a named pipeline of phases
 (:data:`PHASES`): ``preprocess`` (an onnx-ir ``PassManager`` of small passes), ``plan``, ``sparsify``,
 ``lower-standard`` (standard lowering only), ``fuse-tile-conv`` and ``fuse-tile-moments`` (ONNX
-Runtime with the fused lowering only), ``build-prime``, ``build-mask`` and ``validate``. Each
+Runtime with the fused lowering only), ``build-prime``, ``fuse-cache-store`` (as the fuse phases),
+``build-mask`` and ``validate``. Each
 phase has a postcondition checked right after it; a failure names the phase. The artefact is written
 atomically by :func:`ssic.artefact.write_artefact` after every graph was checked with the ONNX checker
 and loaded once by ONNX Runtime (with the op library), so a failed compile leaves nothing behind.
@@ -200,6 +201,12 @@ def _ensure_prime(state: CompileState) -> None:
         raise _fail("build-prime", f"caches the prime graph does not output: {sorted(missing)[:3]}")
 
 
+def _run_fuse_cache_store(state: CompileState, log) -> bool:
+    from ssic.passes.fuse_cache_store import FuseCacheStorePass
+
+    return FuseCacheStorePass()(state.prime).modified
+
+
 def _run_build_mask(state: CompileState, log) -> bool:
     from ssic.passes.build_mask import build_mask_graph
 
@@ -240,6 +247,8 @@ PHASES: list[Phase] = [
     Phase("fuse-tile-moments", _run_fuse_tile_moments, required=False,
           applies=lambda o: o.lowering == "fused" and o.target == "ort"),
     Phase("build-prime", _run_build_prime, _ensure_prime),
+    Phase("fuse-cache-store", _run_fuse_cache_store, _ensure_prime, required=False,
+          applies=lambda o: o.lowering == "fused" and o.target == "ort"),
     Phase("build-mask", _run_build_mask, _ensure_mask),
 ]
 
@@ -372,7 +381,7 @@ def _validate_graphs(tmp: Path, manifest: Manifest, log) -> None:
             check_model_file(path)  # the checker by path; accepts GroupNormalization-18 as ONNX Runtime does
         except SSICError as exc:
             raise _fail("validate", f"{file} fails the ONNX checker: {str(exc)[:300]}") from None
-        if manifest.lowering == "fused" and which == "sparse":
+        if manifest.lowering == "fused" and which in ("sparse", "prime"):
             from ssic.library import make_session_options
 
             so = make_session_options(1)

@@ -223,8 +223,26 @@ TILE_MOMENTS = OpSpec(
     "standard-op form the sparse rewrite emits). Outputs float64.",
 )
 
+#: ``to`` of CacheStore: the cache's element type (ONNX TensorProto codes).
+CACHE_FLOAT = onnx.TensorProto.FLOAT
+CACHE_FLOAT16 = onnx.TensorProto.FLOAT16
+
+CACHE_STORE = OpSpec(
+    name="CacheStore",
+    inputs=(InputSpec("x", "T", doc="[1, C, H, W] an activation of the prime run"),),
+    outputs=(InputSpec("cache", "TC", doc="[H, W, C] x in NHWC, float32 or float16 (attribute to)"),
+             InputSpec("sum", "TD", doc="[C] sum of x over the image"),
+             InputSpec("sumsq", "TD", doc="[C] sum of x^2 over the image")),
+    attributes=(AttrSpec("to", int, CACHE_FLOAT, "the cache's type: 1 float32, 10 float16 (rounded to nearest "
+                         "even)", choices=(CACHE_FLOAT, CACHE_FLOAT16)),),
+    doc="The prime run's write of one NHWC cache: x transposed to [H, W, C] (and rounded to float16), with the "
+    "per-channel sum and sum of squares a GroupNorm's incremental statistics start from, in one pass over x "
+    "(ONNX Runtime CPU only; the fused lowering's fuse-cache-store pass builds it from the prime graph's "
+    "[Cast ->] Transpose -> Reshape and ReduceSum / ReduceSumSquare -> Cast). Outputs float64 sums.",
+)
+
 OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER, TILE_CONV.name: TILE_CONV,
-                          TILE_MOMENTS.name: TILE_MOMENTS}
+                          TILE_MOMENTS.name: TILE_MOMENTS, CACHE_STORE.name: CACHE_STORE}
 
 
 # --------------------------------------------------------------------------------------------
@@ -343,7 +361,20 @@ def _infer_tile_moments(ctx) -> None:
         ctx.set_output_type(i, tp)
 
 
-_INFER = {TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter,
+def _infer_cache_store(ctx) -> None:
+    x = _dims(ctx.get_input_type(0))
+    to = _attr_int(ctx, "to", CACHE_FLOAT)
+    shape = [x[2], x[3], x[1]] if x is not None and len(x) == 4 else None
+    tp = _float_type(shape)
+    tp.tensor_type.elem_type = to
+    ctx.set_output_type(0, tp)
+    for i in (1, 2):
+        tp = _float_type([shape[2] if shape is not None else None])
+        tp.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+        ctx.set_output_type(i, tp)
+
+
+_INFER = {CACHE_STORE.name: _infer_cache_store, TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter,
           TILE_CONV.name: _infer_tile_conv, TILE_MOMENTS.name: _infer_tile_moments}
 
 _ATTR_TYPES = {int: defs.OpSchema.AttrType.INT, float: defs.OpSchema.AttrType.FLOAT}
@@ -554,3 +585,17 @@ def tile_moments_ref(tiles, cache, idx, *, tile: int) -> tuple[np.ndarray, np.nd
         s1 += d.sum(0, dtype=np.float64)
         s2 += (d * (nv + ov)).sum(0, dtype=np.float64)
     return s1, s2
+
+
+def cache_store_ref(x, *, to: int = CACHE_FLOAT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return CacheStore's ``(cache, sum, sumsq)``: ``x`` ([1, C, H, W] float32) as ``[H, W, C]`` in
+    float32 or, for ``to`` = 10, float16 rounded to nearest even (numpy's ``astype``), and the float64
+    ``[C]`` sums of ``x`` and ``x * x`` over the image. Raises ``ValueError`` for another shape or ``to``."""
+    x = np.asarray(x, np.float32)
+    if x.ndim != 4 or x.shape[0] != 1:
+        raise ValueError(f"CacheStore: x must be [1, C, H, W], got {list(x.shape)}")
+    if to not in (CACHE_FLOAT, CACHE_FLOAT16):
+        raise ValueError(f"CacheStore: to must be {CACHE_FLOAT} or {CACHE_FLOAT16}, got {to}")
+    cache = x[0].transpose(1, 2, 0).astype(np.float16 if to == CACHE_FLOAT16 else np.float32)
+    flat = x[0].reshape(x.shape[1], -1).astype(np.float64)
+    return np.ascontiguousarray(cache), flat.sum(1), (flat * flat).sum(1)

@@ -29,7 +29,7 @@ import numpy as np
 from ssic.artefact import Manifest, MaskSource
 from ssic.cost_model import CostModel
 from ssic.errors import SSICError
-from ssic.masks import resize_mask_any
+from ssic.masks import changed, resize_mask_any
 
 
 class Backend(ABC):
@@ -239,7 +239,7 @@ class Session:
             if not s.input:
                 out[s.mask_input] = np.zeros((s.height, s.width), bool)
                 continue
-            diff = np.abs(arrays[s.input].astype(np.float64) - state.inputs[s.input]) > eps
+            diff = changed(arrays[s.input], state.inputs[s.input], eps)
             out[s.mask_input] = diff.any(axis=s.channel_axis)[0]
         return out
 

@@ -84,9 +84,10 @@ def _inputs(seed: int = 0):
 
 
 def _graphs_load_in_ort(art: Path, lowering: str = "fused") -> None:
-    """The artefact's stock-ONNX graphs (dense, prime, mask; sparse too with the standard lowering)
-    pass the ONNX checker and load in a plain ONNX Runtime session, without ssic's op library."""
-    for name in ("dense", "prime", "mask") + (("sparse",) if lowering == "standard" else ()):
+    """The artefact's stock-ONNX graphs (dense and mask; prime and sparse too with the standard lowering:
+    the fused one writes the prime's NHWC caches with ssic::CacheStore) pass the ONNX checker and load
+    in a plain ONNX Runtime session, without ssic's op library."""
+    for name in ("dense", "mask") + (("prime", "sparse") if lowering == "standard" else ()):
         proto = onnx.load(str(art / f"{name}.onnx"))
         onnx.checker.check_model(proto)
         ort.InferenceSession(str(art / f"{name}.onnx"), providers=["CPUExecutionProvider"])

@@ -48,6 +48,27 @@ def test_difference_mask_any_over_channels():
     np.testing.assert_array_equal(plane, np.abs(b[..., 0]) > 0.01)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([0.0, 1e-3, 0.01, 0.5, -1.0]),
+       st.sampled_from([np.float32, np.float16, np.uint8, np.float64]))
+def test_changed_equals_the_float64_difference(seed, eps, dtype):
+    """``changed`` subtracts only the elements that differ; the result is the whole float64 test's, for
+    values near the threshold, equal values, NaN and infinities."""
+    from ssic.masks import changed
+
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal((2, 7, 9)) * 4).astype(dtype)
+    b = a.copy()
+    pick = rng.random(a.shape) < 0.3
+    b[pick] = (a[pick].astype(np.float64) + rng.choice([0.0, eps, 2 * abs(eps), 0.4, -0.6], pick.sum())).astype(dtype)
+    if np.issubdtype(dtype, np.floating):
+        a.flat[:4] = [np.nan, np.inf, np.inf, 0.0]
+        b.flat[:4] = [np.nan, np.inf, -np.inf, -0.0]
+    with np.errstate(invalid="ignore"):
+        want = np.abs(a.astype(np.float64) - b.astype(np.float64)) > eps
+    np.testing.assert_array_equal(changed(a, b, eps), want)
+
+
 def test_difference_mask_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         difference_mask(np.zeros((2, 2)), np.zeros((2, 3)))

@@ -113,7 +113,7 @@ def fake_trt_session(art) -> Session:
     for graph in ("prime", "sparse", "dense"):
         sess = ort.InferenceSession(str(art / manifest.graphs[graph]),
                                     __import__("ssic.library").library.make_session_options(1)
-                                    if graph == "sparse" and manifest.lowering == "fused" else ort.SessionOptions(),
+                                    if graph != "dense" and manifest.lowering == "fused" else ort.SessionOptions(),
                                     providers=["CPUExecutionProvider"])
         bindings = []
         for v in sess.get_inputs():
@@ -130,7 +130,7 @@ def fake_trt_session(art) -> Session:
                              "dtype": "float64" if v.type == "tensor(double)" else "float32"})
         engines_rec[graph] = {"file": f"{graph}.fake.engine", "bindings": bindings}
         engines[graph] = OnnxEngine(art / manifest.graphs[graph], bindings,
-                                    fused=graph == "sparse" and manifest.lowering == "fused")
+                                    fused=graph != "dense" and manifest.lowering == "fused")
     manifest = manifest.model_copy(update={"target": "trt", "trt": {"flavour": "fake", "version": "0",
                                                                     "engines": engines_rec}})
     mask = OrtBackend.mask_only(art, manifest, threads=1)

@@ -41,6 +41,30 @@ float half_to_float(uint16_t h) {
   return f;
 }
 
+uint16_t float_to_half(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  const uint32_t sign = (bits >> 16) & 0x8000u;
+  uint32_t mag = bits & 0x7fffffffu;
+  if (mag >= 0x47800000u)  // 2^16 and above, inf, NaN: inf, or a quiet NaN
+    return static_cast<uint16_t>(sign | (mag > 0x7f800000u ? 0x7e00u : 0x7c00u));
+  if (mag < 0x38800000u) {
+    // below 2^-14 the result is subnormal (or zero): its bits are round(|f| * 2^24). Adding 0.5 (whose
+    // ulp is 2^-24) lets the float adder round to nearest even; the low mantissa bits are the result.
+    float m;
+    std::memcpy(&m, &mag, sizeof m);
+    m += 0.5f;
+    uint32_t r;
+    std::memcpy(&r, &m, sizeof r);
+    return static_cast<uint16_t>(sign | (r - 0x3f000000u));
+  }
+  // normal: rebias the exponent (127 -> 15) and round the 13 dropped mantissa bits to nearest even; a
+  // carry out of the mantissa moves to the exponent (65520 and above become inf)
+  const uint32_t odd = (mag >> 13) & 1u;
+  mag += 0xc8000fffu + odd;  // -(112 << 23) + 0xfff
+  return static_cast<uint16_t>(sign | (mag >> 13));
+}
+
 namespace {
 
 void halfs_to_floats_portable(const uint16_t* src, float* dst, int64_t n) {
@@ -55,24 +79,58 @@ __attribute__((target("avx,f16c"))) void halfs_to_floats_f16c(const uint16_t* sr
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
   for (; i < n; ++i) dst[i] = half_to_float(src[i]);
 }
+// VCVTPS2PH with round to nearest even, 8 values at a time.
+__attribute__((target("avx,f16c"))) void floats_to_halfs_f16c(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
 #endif
+
+void floats_to_halfs_portable(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float_to_half(src[i]);
+}
+
+bool f16c_usable() {
+  const char* off = std::getenv("SSIC_DISABLE_F16C");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+#ifdef SSIC_F16C_DISPATCH
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
+#else
+  return false;
+#endif
+}
 
 using HalfConverter = void (*)(const uint16_t*, float*, int64_t);
 
 HalfConverter pick_half_converter() {
-  const char* off = std::getenv("SSIC_DISABLE_F16C");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return halfs_to_floats_portable;
 #ifdef SSIC_F16C_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c")) return halfs_to_floats_f16c;
+  if (f16c_usable()) return halfs_to_floats_f16c;
 #endif
   return halfs_to_floats_portable;
+}
+
+using FloatConverter = void (*)(const float*, uint16_t*, int64_t);
+
+FloatConverter pick_float_converter() {
+#ifdef SSIC_F16C_DISPATCH
+  if (f16c_usable()) return floats_to_halfs_f16c;
+#endif
+  return floats_to_halfs_portable;
 }
 
 }  // namespace
 
 void halfs_to_floats(const uint16_t* src, float* dst, int64_t n) {
   static const HalfConverter convert = pick_half_converter();
+  convert(src, dst, n);
+}
+
+void floats_to_halfs(const float* src, uint16_t* dst, int64_t n) {
+  static const FloatConverter convert = pick_float_converter();
   convert(src, dst, n);
 }
 
@@ -579,6 +637,165 @@ std::string tile_moments(const MomentsArgs& a, const ParallelFor& pfor) {
     for (int64_t k = 0; k < c; ++k) {
       a.sum[k] += f1[k];
       a.sumsq[k] += f1[c + k];
+    }
+  }
+  return {};
+}
+
+namespace {
+
+// CacheStore over image rows [y0, y1): the cache's pixels of those rows, and per row its float sums
+// (part + 2*y*C: sum, then sum of squares).
+using StoreRows = void (*)(const StoreArgs& a, int64_t y0, int64_t y1, float* part);
+
+// Portable: blocks of kPix pixels transposed through a buffer (vectorised over 8 channels read side
+// by side), then written (converted) in one contiguous run.
+void store_rows_portable(const StoreArgs& a, int64_t y0, int64_t y1, float* part) {
+  const int64_t C = a.channels, W = a.width, P = a.height * W;
+  constexpr int64_t kPix = 32;
+  constexpr int64_t kLanes = 8;
+  std::vector<float> buf(static_cast<size_t>(kPix * C));
+  for (int64_t y = y0; y < y1; ++y) {
+    float* s1 = part + 2 * y * C;
+    float* s2 = s1 + C;
+    for (int64_t x0 = 0; x0 < W; x0 += kPix) {
+      const int64_t np = std::min(kPix, W - x0), p0 = y * W + x0;
+      int64_t c0 = 0;
+      for (; c0 + kLanes <= C; c0 += kLanes) {
+        const float* src = a.x + c0 * P + p0;
+        float t1[kLanes] = {}, t2[kLanes] = {};
+        for (int64_t p = 0; p < np; ++p) {
+          float* dst = buf.data() + p * C + c0;
+          for (int64_t j = 0; j < kLanes; ++j) {
+            const float v = src[j * P + p];
+            t1[j] += v;
+            t2[j] += v * v;
+            dst[j] = v;
+          }
+        }
+        for (int64_t j = 0; j < kLanes; ++j) {
+          s1[c0 + j] += t1[j];
+          s2[c0 + j] += t2[j];
+        }
+      }
+      for (; c0 < C; ++c0) {
+        const float* src = a.x + c0 * P + p0;
+        for (int64_t p = 0; p < np; ++p) {
+          const float v = src[p];
+          s1[c0] += v;
+          s2[c0] += v * v;
+          buf[static_cast<size_t>(p * C + c0)] = v;
+        }
+      }
+      if (a.out)
+        std::memcpy(a.out + p0 * C, buf.data(), sizeof(float) * np * C);
+      else
+        floats_to_halfs(buf.data(), a.out_f16 + p0 * C, np * C);
+    }
+  }
+}
+
+#ifdef SSIC_F16C_DISPATCH
+// 8 channels x 8 pixels in registers: 8 row loads, an 8 x 8 transpose (unpack, shuffle, permute), 8
+// pixel stores of 8 channels. Measured on [128, 256, 256], 2 threads: 3.5 ms against 7.1 ms for the
+// portable blocks (the 8 strided loads per pixel of those alias in L1: the channels are H*W floats apart).
+template <bool Half>
+__attribute__((target("avx2,fma,f16c"))) inline void store8(const StoreArgs& a, int64_t at, __m256 v) {
+  if (Half)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(a.out_f16 + at), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  else
+    _mm256_storeu_ps(a.out + at, v);
+}
+
+template <bool Half>
+__attribute__((target("avx2,fma,f16c"))) void store_rows_avx2(const StoreArgs& a, int64_t y0, int64_t y1, float* part) {
+  const int64_t C = a.channels, W = a.width, P = a.height * W;
+  const int64_t c8 = C / 8 * 8, w8 = W / 8 * 8;
+  for (int64_t y = y0; y < y1; ++y) {
+    float* s1 = part + 2 * y * C;
+    float* s2 = s1 + C;
+    const int64_t row = y * W;
+    for (int64_t c0 = 0; c0 < c8; c0 += 8) {
+      const float* src = a.x + c0 * P + row;
+      __m256 acc1 = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
+      for (int64_t p = 0; p < w8; p += 8) {
+        const __m256 r0 = _mm256_loadu_ps(src + p), r1 = _mm256_loadu_ps(src + P + p);
+        const __m256 r2 = _mm256_loadu_ps(src + 2 * P + p), r3 = _mm256_loadu_ps(src + 3 * P + p);
+        const __m256 r4 = _mm256_loadu_ps(src + 4 * P + p), r5 = _mm256_loadu_ps(src + 5 * P + p);
+        const __m256 r6 = _mm256_loadu_ps(src + 6 * P + p), r7 = _mm256_loadu_ps(src + 7 * P + p);
+        // pairs of channels interleaved, then quads, then the two 128-bit halves: pixel k's 8 channels
+        const __m256 a0 = _mm256_unpacklo_ps(r0, r1), a1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 a2 = _mm256_unpacklo_ps(r2, r3), a3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 a4 = _mm256_unpacklo_ps(r4, r5), a5 = _mm256_unpackhi_ps(r4, r5);
+        const __m256 a6 = _mm256_unpacklo_ps(r6, r7), a7 = _mm256_unpackhi_ps(r6, r7);
+        const __m256 b0 = _mm256_shuffle_ps(a0, a2, 0x44), b1 = _mm256_shuffle_ps(a0, a2, 0xEE);
+        const __m256 b2 = _mm256_shuffle_ps(a1, a3, 0x44), b3 = _mm256_shuffle_ps(a1, a3, 0xEE);
+        const __m256 b4 = _mm256_shuffle_ps(a4, a6, 0x44), b5 = _mm256_shuffle_ps(a4, a6, 0xEE);
+        const __m256 b6 = _mm256_shuffle_ps(a5, a7, 0x44), b7 = _mm256_shuffle_ps(a5, a7, 0xEE);
+        const __m256 px[8] = {_mm256_permute2f128_ps(b0, b4, 0x20), _mm256_permute2f128_ps(b1, b5, 0x20),
+                              _mm256_permute2f128_ps(b2, b6, 0x20), _mm256_permute2f128_ps(b3, b7, 0x20),
+                              _mm256_permute2f128_ps(b0, b4, 0x31), _mm256_permute2f128_ps(b1, b5, 0x31),
+                              _mm256_permute2f128_ps(b2, b6, 0x31), _mm256_permute2f128_ps(b3, b7, 0x31)};
+        for (int k = 0; k < 8; ++k) {
+          acc1 = _mm256_add_ps(acc1, px[k]);
+          acc2 = _mm256_fmadd_ps(px[k], px[k], acc2);
+          store8<Half>(a, (row + p + k) * C + c0, px[k]);
+        }
+      }
+      for (int64_t p = w8; p < W; ++p) {  // the row's last W % 8 pixels
+        alignas(32) float v[8];
+        for (int64_t j = 0; j < 8; ++j) v[j] = src[j * P + p];
+        const __m256 pv = _mm256_load_ps(v);
+        acc1 = _mm256_add_ps(acc1, pv);
+        acc2 = _mm256_fmadd_ps(pv, pv, acc2);
+        store8<Half>(a, (row + p) * C + c0, pv);
+      }
+      _mm256_storeu_ps(s1 + c0, acc1);
+      _mm256_storeu_ps(s2 + c0, acc2);
+    }
+    for (int64_t c = c8; c < C; ++c) {  // the last C % 8 channels
+      const float* src = a.x + c * P + row;
+      for (int64_t p = 0; p < W; ++p) {
+        const float v = src[p];
+        s1[c] += v;
+        s2[c] += v * v;
+        if (Half)
+          a.out_f16[(row + p) * C + c] = float_to_half(v);
+        else
+          a.out[(row + p) * C + c] = v;
+      }
+    }
+  }
+}
+#endif
+
+StoreRows pick_store_rows(bool half) {
+#ifdef SSIC_F16C_DISPATCH
+  const char* off = std::getenv("SSIC_DISABLE_AVX2");
+  const bool disabled = off != nullptr && off[0] != '\0' && off[0] != '0';
+  if (!disabled && f16c_usable() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return half ? store_rows_avx2<true> : store_rows_avx2<false>;
+#endif
+  (void)half;
+  return store_rows_portable;
+}
+
+}  // namespace
+
+std::string cache_store(const StoreArgs& a, const ParallelFor& pfor) {
+  if ((a.out == nullptr) == (a.out_f16 == nullptr)) return "CacheStore: exactly one output pointer must be set";
+  static const StoreRows rows_f32 = pick_store_rows(false), rows_f16 = pick_store_rows(true);
+  const StoreRows rows = a.out ? rows_f32 : rows_f16;
+  const int64_t C = a.channels, H = a.height;
+  std::vector<float> part(static_cast<size_t>(2 * H * C), 0.0f);  // per image row: sum, sum of squares
+  pfor(H, [&](int64_t y0, int64_t y1) { rows(a, y0, y1, part.data()); });
+  std::fill(a.sum, a.sum + C, 0.0);
+  std::fill(a.sumsq, a.sumsq + C, 0.0);
+  for (int64_t y = 0; y < H; ++y) {
+    const float* s1 = part.data() + 2 * y * C;
+    for (int64_t c = 0; c < C; ++c) {
+      a.sum[c] += s1[c];
+      a.sumsq[c] += s1[C + c];
     }
   }
   return {};

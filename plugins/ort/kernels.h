@@ -91,11 +91,27 @@ struct MomentsArgs {
   double* sumsq;              // [C]: sum of (new - old) * (new + old)
 };
 
+// CacheStore: a prime-run activation written as its NHWC cache, with its per-channel moments.
+struct StoreArgs {
+  const float* x;        // [C, H*W]: the NCHW activation of batch 1
+  int64_t channels, height, width;
+  float* out;            // [H*W, C] float32 (or nullptr)
+  uint16_t* out_f16;     // [H*W, C] float16 bits, rounded to nearest even (or nullptr)
+  double* sum;           // [C]: sum of x over the image
+  double* sumsq;         // [C]: sum of x * x
+};
+
 // float16 (IEEE binary16 bits) -> float32, exact for every value (subnormals, infinities, NaNs).
 float half_to_float(uint16_t h);
 // dst[i] = half_to_float(src[i]) for i < n: F16C instructions where the CPU has them (checked at run
 // time; SSIC_DISABLE_F16C=1 in the environment forces the portable path), else portable code.
 void halfs_to_floats(const uint16_t* src, float* dst, int64_t n);
+// float32 -> float16 bits rounded to nearest even (as numpy's astype and ONNX Cast): overflow to +-inf,
+// subnormal results where the magnitude is below 2^-14, NaN stays NaN (quiet).
+uint16_t float_to_half(float f);
+// dst[i] = float_to_half(src[i]) for i < n: F16C where the CPU has it (SSIC_DISABLE_F16C=1 forces the
+// portable path).
+void floats_to_halfs(const float* src, uint16_t* dst, int64_t n);
 
 // Both return an empty string on success, else an error message (no exceptions cross threads).
 std::string tile_gather(const GatherParams& p, const GatherArgs& a, const ParallelFor& pfor);
@@ -105,5 +121,8 @@ std::string tile_conv(const GatherParams& p, const GatherArgs& a, const ConvArgs
 std::string tile_scatter(const ScatterParams& p, const ScatterArgs& a, const ParallelFor& pfor);
 // One pass over each tile's rows and the cache under it; per-tile float sums added up in double.
 std::string tile_moments(const MomentsArgs& a, const ParallelFor& pfor);
+// One pass over x: blocks of pixels transposed through a small buffer, image rows split between the
+// threads; per-row float sums added up in double in row order (the same result for any thread count).
+std::string cache_store(const StoreArgs& a, const ParallelFor& pfor);
 
 }  // namespace ssic

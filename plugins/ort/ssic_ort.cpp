@@ -11,6 +11,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -433,6 +434,58 @@ struct TileMomentsKernel {
   Ort::Status ComputeRaw(OrtKernelContext* /*ctx*/) { return invalid("TileMoments: tiles, cache and idx are required"); }
 };
 
+// The NHWC cache of a prime-run activation and its per-channel moments. The cache's element type is the
+// node's (float32 or float16, attribute `to`): the op is registered once with that output left open
+// (create_cache_store), so the lite API's typed output is not used for it.
+struct CacheStoreKernel {
+  int64_t to = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+
+  CacheStoreKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    AttrReader r{api, info, {}};
+    to = r.get_int("to", ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT);
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, Tensor<float>& /*cache*/, Tensor<double>& sum,
+                      Tensor<double>& sumsq) {
+    try {
+      const auto xs = x.Shape();
+      if (xs.size() != 4 || xs[0] != 1) return invalid("CacheStore: x must be [1, C, H, W], got " + shape_str(xs));
+      ssic::StoreArgs a{};
+      a.x = x.Data();
+      a.channels = xs[1], a.height = xs[2], a.width = xs[3];
+      Ort::UnownedValue out = Ort::KernelContext(ctx).GetOutput(0, {a.height, a.width, a.channels});
+      const auto type = out.GetTensorTypeAndShapeInfo().GetElementType();
+      if (type != to)
+        return invalid("CacheStore: the cache output has element type " + std::to_string(type) + ", attribute to " +
+                       std::to_string(to));
+      if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+        a.out = out.GetTensorMutableData<float>();
+      else if (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+        a.out_f16 = reinterpret_cast<uint16_t*>(out.GetTensorMutableData<Ort::Float16_t>());
+      else
+        return invalid("CacheStore: the cache must be float32 or float16, got element type " + std::to_string(type));
+      a.sum = sum.Allocate({a.channels});
+      a.sumsq = sumsq.Allocate({a.channels});
+      const std::string err = ssic::cache_store(a, make_pfor(ctx));
+      if (!err.empty()) return invalid(err);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+  // The one input is required: the guard never routes here, but create_op needs the entry point.
+  Ort::Status ComputeRaw(OrtKernelContext* /*ctx*/) { return invalid("CacheStore: x is required"); }
+};
+
+OrtCustomOp* create_cache_store() {
+  OrtCustomOp* op = create_op<CacheStoreKernel>("CacheStore");
+  op->GetOutputType = [](const OrtCustomOp* /*op*/, size_t index) {
+    return index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED : ONNX_TENSOR_ELEMENT_DATA_TYPE_DOUBLE;
+  };
+  return op;
+}
+
 }  // namespace
 
 extern "C" {
@@ -465,6 +518,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain->Add(create_op<TileScatterKernel<Ort::Float16_t>>("TileScatter"));
       domain->Add(create_op<TileMomentsKernel<float>>("TileMoments"));
       domain->Add(create_op<TileMomentsKernel<Ort::Float16_t>>("TileMoments"));
+      domain->Add(create_cache_store());
     });
     Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(*domain));
   } catch (const std::exception& e) {
