@@ -12,7 +12,8 @@ ONNX Runtime runs these as separate passes over ``x`` plus a copy: the Transpose
 Reshape from there into the buffer the cache is bound to. On DDIM (598 MB of float16 caches) they took
 510 ms of a 3.36 s prime, 3 Transposes of [1, 256, 256, 256] float16 110 ms each, and the reductions
 86 ms more. This pass replaces each such cache with ``cache, sum, sumsq = ssic::CacheStore(x, to)``,
-which reads ``x`` once and writes the cache where it is bound (``plugins/ort/kernels.cpp``; reference
+placed right after the node that produces ``x`` (the stock chain followed the whole model, so every
+cached activation stayed alive to the end), which reads ``x`` once and writes the cache where it is bound (``plugins/ort/kernels.cpp``; reference
 :func:`ssic.ops.cache_store_ref`); a GroupNorm's sums of the same ``x`` come from its ``sum`` and
 ``sumsq`` outputs. The cache is bit for bit the stock ops' (float16 rounded to nearest even); the sums
 differ by summation order only (per-row float sums added in float64).
@@ -103,7 +104,14 @@ class FuseCacheStorePass(ir.passes.InPlacePass):
             x, to, nodes = m
             node = ir.Node(DOMAIN, CACHE_STORE.name, [x], [ir.AttrInt64("to", to)],
                            name=f"ssic/prime/cache_store_{len(stores) + len(dead)}", num_outputs=3)
-            graph.insert_before(nodes[-1], node)
+            # right after x's producer (build-prime appended the stock chain at the end of the graph): x is
+            # read while it is still in cache, freed as soon as its other readers are done, and ONNX
+            # Runtime's GroupNormalization may then reuse it in place (see the module)
+            producer = x.producer()
+            if producer is not None and producer.graph is graph:
+                graph.insert_after(producer, node)
+            else:
+                graph.insert_before(next(iter(graph)), node)
             node.outputs[1].name, node.outputs[2].name = f"{node.name}/sum", f"{node.name}/sumsq"
             for o in node.outputs[1:]:
                 o.type, o.shape = ir.TensorType(ir.DataType.DOUBLE), ir.Shape([x.shape[1]])
