@@ -74,8 +74,8 @@ def cli(verbose: int, quiet: int) -> None:
 
 
 @cli.command()
-@click.argument("model", type=click.Choice(["ddim", "pd", "gaugan", "realesrgan", "oidn", "sd-unet",
-                                                 "sd-vae-decoder", "sd-vae-encoder"]))
+@click.argument("model", metavar="MODEL", type=click.Choice(["ddim", "pd", "gaugan", "realesrgan", "oidn", "sd-unet",
+                                                                 "sd-vae-decoder", "sd-vae-encoder"]))
 @click.option("--preset", type=click.Choice(["full", "tiny"]), default="tiny", show_default=True,
               help="full = the paper's size; tiny = same topology, few channels (tests).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random initialisation.")
@@ -247,6 +247,23 @@ def _layer_kinds(layers) -> str:
                      sorted(kinds.items(), key=lambda kv: -kv[1][2]))
 
 
+def _mode_line(manifest) -> str:
+    """How the edit region is chosen: exact mode's radius budget and its calibration, or default mode."""
+    budget = manifest.mask.radius_budget
+    if manifest.mask.mode == "sige-pyramid":
+        return "default mode: SIGE's dilated mask pyramid (no error bound)"
+    if manifest.mask.mode == "exact" or budget is None:
+        return "exact mode, unbounded: sparse equals dense to float tolerance"
+    cal = manifest.calibration
+    if not cal:
+        return f"bounded exact mode, radius budget {budget} px (set by hand, not calibrated)"
+    row = next((r for r in cal.get("curve", []) if r.get("radius") == cal.get("radius")), None)
+    measured = f", worst sample {row['psnr_min']} dB" if row else ""
+    return (f"bounded exact mode, radius budget {budget} px, calibrated for {cal.get('target_psnr')} dB on "
+            f"{cal.get('samples')} sample edits of {', '.join(f'{100 * a:g}%' for a in cal.get('areas', []))}"
+            f"{measured} (curve: ssic inspect --json)")
+
+
 @cli.command()
 @click.argument("path", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -262,11 +279,12 @@ def inspect(path: str, as_json: bool, input_shape_specs: tuple[str, ...] = ()) -
         manifest = read_manifest(p)
         if as_json:
             data = manifest.model_dump(include={"target", "lowering", "exact", "grids", "macs", "layers", "dense_ops",
-                                                "inputs", "outputs", "mask", "options"})
+                                                "inputs", "outputs", "mask", "options", "calibration"})
             click.echo(json.dumps(data | {"caches": len(manifest.caches), "cache_bytes": manifest.cache_bytes()}))
             return
         click.echo(f"artefact {p}: target {manifest.target}, lowering {manifest.lowering}, "
                    f"{'exact' if manifest.exact else 'SIGE-pyramid'} masks, GroupNorm statistics {manifest.gn_stats}")
+        click.echo("  " + _mode_line(manifest))
         for what, specs in (("input", manifest.inputs), ("output", manifest.outputs)):
             for t in specs:
                 click.echo(f"  {what} {t.name}: {t.dtype} {list(t.shape)}")

@@ -196,6 +196,10 @@ def run_realesrgan_demo(size: int = 64, variant: str = "x4plus", out_dir: Path =
     mac_ratio = sess.last.macs_dense / max(sess.last.macs, 1)
     log(f"dense {dense_s:.2f} s, sparse {sparse_s:.2f} s ({dense_s / sparse_s:.2f}x, MAC ratio {mac_ratio:.1f}x, "
         f"{100 * sess.last.active_fraction:.1f}% tiles active); PSNR sparse vs dense over the whole image {db}")
+    if radius_budget is not None:
+        log(f"bounded exact mode, radius budget {radius_budget} px: calibrated for 40 dB on 1.2% and 5% edits; "
+            f"this edit changes {100 * lr_mask.mean():.1f}% of the pixels, and the error grows with the edit's "
+            "extent (ssic compile --calibrate ... --target-psnr picks a budget for your own edits)")
     log(f"wrote {out_dir}/dense.png, sparse.png, side_by_side.png (original | edited | dense x4 | sparse x4 | "
         "|sparse - dense| x10)")
     return {"dense_s": dense_s, "sparse_s": sparse_s, "speedup": dense_s / sparse_s, "psnr": psnr,

@@ -11,6 +11,18 @@ from ssic.images import Placement, model_to_image, save_output  # noqa: F401 - r
 from ssic.quality import compare
 
 
+def check_same_size(a, b, model_hw: tuple[int, int]) -> None:
+    """Raise ``SSICError`` unless ``a`` and ``b`` have one shape; for images (``[H, W]`` or
+    ``[H, W, C]``) the message names both sizes, the model's ``model_hw`` and the ``--resize`` way out."""
+    sa, sb = np.shape(a), np.shape(b)
+    if sa == sb:
+        return
+    if len(sa) not in (2, 3) or len(sb) not in (2, 3):  # model inputs, not images
+        raise SSICError(f"original and edited differ in shape: {list(sa)} vs {list(sb)}")
+    raise SSICError(f"original ({sa[0]}x{sa[1]}) and edited ({sb[0]}x{sb[1]}) differ in size; give both at one size "
+                    f"(the model takes {model_hw[0]}x{model_hw[1]}; --resize fit|crop|pad places another size)")
+
+
 def image_to_model(img: np.ndarray, size: tuple[int, int] | None = None) -> np.ndarray:
     """Image ``[H, W, 3|4]`` (uint8, or float in [0, 1]) -> float32 ``[1, 3, H, W]`` in [-1, 1].
 
@@ -148,9 +160,8 @@ def edit_files(session, a: np.ndarray, b: np.ndarray, *, mask=None, extra=None, 
     before any model runs.
     """
     family = session.manifest.model.family
-    if np.shape(a) != np.shape(b):
-        raise SSICError(f"original and edited differ in shape: {list(np.shape(a))} vs {list(np.shape(b))}")
     h, w = session.manifest.mask.height, session.manifest.mask.width
+    check_same_size(a, b, (h, w))
     if family in ("ddim", "pd") and np.asarray(a).ndim == 3:
         fa, fb = (image_to_model(x)[0].transpose(1, 2, 0) for x in (a, b))  # [H, W, 3] in [-1, 1]
         place = Placement.plan(fa.shape[:2], (h, w), resize)
@@ -208,8 +219,7 @@ def image_pair_inputs(session, a, b, *, mask=None, resize: str | None = None,
     spec = session.manifest.input(src.input)
     if len(spec.shape) != 4 or spec.shape[src.channel_axis] != 3:
         raise SSICError(f"input '{src.input}' has shape {list(spec.shape)}, not an RGB image; give .npy model inputs")
-    if np.shape(a) != np.shape(b):
-        raise SSICError(f"original and edited differ in shape: {list(np.shape(a))} vs {list(np.shape(b))}")
+    check_same_size(a, b, (src.height, src.width))
     lo, hi = value_range or image_range(session.manifest.model.family)
     fa, fb = (image_to_model(x)[0].transpose(1, 2, 0) * 0.5 + 0.5 for x in (a, b))  # [H, W, 3] in [0, 1]
     place = Placement.plan(fa.shape[:2], (src.height, src.width), resize)

@@ -322,12 +322,11 @@ def latent_edit_files(unet, encoder, decoder, a: np.ndarray, b: np.ndarray, cond
     (SDEdit: where they differ by more than half an 8-bit level). Returns ``{"image": [1, 3, H, W] in
     [-1, 1] at the images' size, "summary": str, "result": latent_edit's dict}``. Raises ``SSICError``
     before any model runs when something does not fit."""
-    from ssic.editing import image_to_model
+    from ssic.editing import check_same_size, image_to_model
     from ssic.images import Placement
 
     (H, W), _ = check_latent_parts(unet, encoder, decoder)
-    if np.shape(a) != np.shape(b):
-        raise SSICError(f"original and edited differ in shape: {list(np.shape(a))} vs {list(np.shape(b))}")
+    check_same_size(a, b, (H, W))
     fa, fb = (image_to_model(x)[0].transpose(1, 2, 0) for x in (a, b))  # [H, W, 3] in [-1, 1]
     place = Placement.plan(fa.shape[:2], (H, W), resize)
     if mask is None:

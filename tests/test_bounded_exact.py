@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -87,6 +89,15 @@ def test_calibration_picks_the_smallest_budget_reaching_the_target(model, tmp_pa
     # the artefact's mask graph is the chosen one: an edit reaches the recorded quality
     fr = [row["active_fraction"] for row in curve]
     assert fr == sorted(fr)
+    # ssic inspect shows the budget and its calibration; --json carries the whole curve
+    from click.testing import CliRunner
+
+    from ssic.cli import cli
+
+    text = CliRunner().invoke(cli, ["inspect", str(art)])
+    assert text.exit_code == 0 and "calibrated for 45" in text.output and "4 sample edits" in text.output
+    data = json.loads(CliRunner().invoke(cli, ["inspect", "--json", str(art)]).output)
+    assert data["calibration"]["curve"] == curve
 
 
 def test_target_psnr_needs_images(model, tmp_path):

@@ -714,7 +714,7 @@ EDIT_CASES = [
     ("missing.npy", "b.npy", [], "original file not found"),
     ("pickled.npy", "b.npy", [], "cannot read original"),
     ("garbage.npy", "b.npy", [], "cannot read original"),
-    ("img.png", "b.npy", [], "differ in shape"),
+    ("img.png", "b.npy", [], "differ in (shape|size)"),
     ("a.npy", "b.npy", ["--input", "noequals"], "NAME=FILE"),
     ("a.npy", "b.npy", ["--input", "z=FILES/a.npy"], "unknown input"),
 ]

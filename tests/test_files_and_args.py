@@ -742,3 +742,16 @@ def test_memory_flat_over_1000_edits_of_random_sizes(tmp_path):
     assert end[0] - start[0] < 10.0
     if end[1] is not None:  # glibc: bytes in use on the heap (was +0.6 MB with the leak)
         assert end[1] - start[1] < 0.2
+
+
+def test_images_of_two_sizes_name_the_model_size_and_resize():
+    """Issue-silent user error (a new user's trial): an original and an edited image of two sizes are
+    refused with both sizes, the model's and the --resize way out; model-input arrays keep their shapes."""
+    from ssic.editing import check_same_size
+    from ssic.errors import SSICError
+
+    with pytest.raises(SSICError, match=r"original \(30x40\) and edited \(32x32\) differ in size.*takes 32x32.*--resize"):
+        check_same_size(np.zeros((30, 40, 3)), np.zeros((32, 32, 3)), (32, 32))
+    with pytest.raises(SSICError, match=r"differ in shape: \[1, 3, 8, 8\] vs \[1, 3, 4, 4\]"):
+        check_same_size(np.zeros((1, 3, 8, 8)), np.zeros((1, 3, 4, 4)), (8, 8))
+    check_same_size(np.zeros((5, 6)), np.zeros((5, 6)), (8, 8))

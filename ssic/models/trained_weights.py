@@ -582,7 +582,8 @@ def parse_size(size: str | tuple[int, int] | None, name: str) -> tuple[int, int]
     else:
         hw = (int(size[0]), int(size[1]))
     if min(hw) < 1 or hw[0] % mult or hw[1] % mult:
-        raise SSICError(f"{name} input sides must be positive multiples of {mult}, got {hw[0]}x{hw[1]}")
+        what = "positive" if mult == 1 else f"positive multiples of {mult}"
+        raise SSICError(f"{name} input sides must be {what}, got {hw[0]}x{hw[1]}")
     return hw
 
 
