@@ -100,6 +100,13 @@ class OrtBackend(Backend):
                 # the arena grows by doubling: beside caches this large it does not fit (Real-ESRGAN x4plus
                 # at 512x512 input, 8.3 GB of caches: killed at 24.3 GB with it, 18.2 GB peak without)
                 so.enable_cpu_mem_arena = False
+        # Each session has intra-op threads of its own, which keep spinning for work after a run: the mask
+        # graph's and a dense run's spinners took a core from the sparse run after them, and the sparse
+        # run's from the dense run after it. Stopped once each run ends (they still spin inside a run),
+        # OIDN 512x512 with a 1.2% edit: sparse 12.6 ms warm / 20.6 ms right after a dense run -> 12.0 /
+        # 12.3 ms, and its dense run 394 -> 363 ms right after a sparse one; PD's dense run alone
+        # 1370 -> 1340 ms (BENCHMARKS.md, ninth session).
+        so.add_session_config_entry("session.force_spinning_stop", "1")
         if which in ("sparse", "mask"):
             # every edit has other tile counts, so other shapes: ONNX Runtime would keep one memory
             # pattern per shape and grow for hours in a server (measured: +2.3 MB per 1,000 edits)
