@@ -27,25 +27,17 @@ import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto
+from op_session import op_session
 
 import ssic
 from ssic import ops
-from ssic.library import get_library_path
 
 
 @functools.cache
 def _session(to: int) -> ort.InferenceSession:
     node = ops.make_node("CacheStore", ["x"], ["cache", "sum", "sumsq"], to=to)
-    ins = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)]
-    outs = [helper.make_tensor_value_info("cache", to, None),
-            *(helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("sum", "sumsq"))]
-    model = helper.make_model(helper.make_graph([node], "m", ins, outs), opset_imports=ops.opset_imports(),
-                              ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return op_session(node, {"x": TensorProto.FLOAT}, {"cache": to, "sum": TensorProto.DOUBLE, "sumsq": TensorProto.DOUBLE})
 
 
 #: float32 values around every float16 rounding case: the largest half, the ties to inf, subnormal
@@ -117,13 +109,8 @@ def test_every_code_path_gives_the_reference(disable):
 def test_a_cache_output_of_another_type_is_an_error():
     """The cache output's type is the node's (left open in the op's registration); `to` must agree."""
     node = ops.make_node("CacheStore", ["x"], ["cache", "sum", "sumsq"], to=ops.CACHE_FLOAT16)
-    outs = [helper.make_tensor_value_info("cache", TensorProto.FLOAT, None),
-            *(helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("sum", "sumsq"))]
-    model = helper.make_model(helper.make_graph([node], "m", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
-                                                outs), opset_imports=ops.opset_imports(), ir_version=10)
-    so = ort.SessionOptions()
-    so.register_custom_ops_library(get_library_path())
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = op_session(node, {"x": TensorProto.FLOAT},
+                      {"cache": TensorProto.FLOAT, "sum": TensorProto.DOUBLE, "sumsq": TensorProto.DOUBLE})
     with pytest.raises(Exception, match="attribute to 10"):
         sess.run(None, {"x": np.zeros((1, 2, 3, 4), np.float32)})
 

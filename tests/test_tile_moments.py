@@ -18,26 +18,18 @@ import onnxruntime as ort
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper
+from onnx import TensorProto
+from op_session import op_session
 
 import ssic
 from ssic import ops
-from ssic.library import get_library_path
 
 
 @functools.cache
 def _session(tile: int, cache_type: int) -> ort.InferenceSession:
     node = ops.make_node("TileMoments", ["tiles", "cache", "idx"], ["sum", "sumsq"], tile=tile)
-    vis = [helper.make_tensor_value_info("tiles", TensorProto.FLOAT, None),
-           helper.make_tensor_value_info("cache", cache_type, None),
-           helper.make_tensor_value_info("idx", TensorProto.INT64, None)]
-    outs = [helper.make_tensor_value_info(n, TensorProto.DOUBLE, None) for n in ("sum", "sumsq")]
-    model = helper.make_model(helper.make_graph([node], "m", vis, outs), opset_imports=ops.opset_imports(),
-                              ir_version=10)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 2
-    so.register_custom_ops_library(get_library_path())
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return op_session(node, {"tiles": TensorProto.FLOAT, "cache": cache_type, "idx": TensorProto.INT64},
+                      {"sum": TensorProto.DOUBLE, "sumsq": TensorProto.DOUBLE})
 
 
 def run_moments(tiles, cache, idx, tile: int):
