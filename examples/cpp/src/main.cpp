@@ -523,6 +523,9 @@ int run(int argc, char** argv) {
     rt.options.SetIntraOpNumThreads(opt.threads);
     rt.options.SetInterOpNumThreads(1);
   }
+  // each session's threads stop spinning when its run ends: the mask graph's spinners took a core from the
+  // sparse run right after it (as ssic/targets/ort.py; BENCHMARKS.md, ninth session)
+  rt.options.AddConfigEntry("session.force_spinning_stop", "1");
   rt.cpu = Ort::MemoryInfo::CreateCpu(OrtArenaAllocator, OrtMemTypeDefault);
   std::string lib = opt.ops_library;
   if (lib.empty() && std::getenv(kLibraryEnv)) lib = std::getenv(kLibraryEnv);
