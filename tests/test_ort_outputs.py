@@ -85,3 +85,13 @@ def test_prime_runs_without_the_arena_when_its_caches_are_large(session, monkeyp
     assert backend._options("sparse").enable_cpu_mem_arena  # only the prime gives it up
     monkeypatch.setattr(ort_backend, "physical_memory", lambda: 0)  # unknown: keep the arena
     assert backend._options("prime").enable_cpu_mem_arena
+
+
+def test_every_session_stops_spinning_after_its_run(session):
+    """ONNX Runtime's intra-op threads spin for work after a run; the mask graph's and a dense run's
+    spinners took a core from the sparse run after them (OIDN 512x512, a 1.2% edit: 20.6 ms right after
+    a dense run, 12.3 ms with the spinning stopped; BENCHMARKS.md, ninth session). Every session the
+    backend creates stops them when its run ends."""
+    for which in ("dense", "prime", "sparse", "mask"):
+        so = session.backend._options(which)
+        assert so.get_session_config_entry("session.force_spinning_stop") == "1", which
