@@ -80,17 +80,13 @@ struct Kernels {
 };
 
 Kernels pick_kernels() {
-  const char* off = std::getenv("SSIC_DISABLE_AVX2");
-  const bool disabled = off != nullptr && off[0] != '\0' && off[0] != '0';
 #ifdef SSIC_AVX2_DISPATCH
-  __builtin_cpu_init();
-  if (!disabled && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (avx2_fma_usable()) {
     return {{nullptr, micro_indirect_avx2<1>, micro_indirect_avx2<2>, micro_indirect_avx2<3>, micro_indirect_avx2<4>,
              micro_indirect_avx2<5>, micro_indirect_avx2<6>},
             "avx2-fma"};
   }
 #endif
-  (void)disabled;
   return {{nullptr, micro_indirect_portable<1>, micro_indirect_portable<2>, micro_indirect_portable<3>,
            micro_indirect_portable<4>, micro_indirect_portable<5>, micro_indirect_portable<6>},
           "portable"};
@@ -102,6 +98,17 @@ const Kernels& kernels() {
 }
 
 }  // namespace
+
+bool avx2_fma_usable() {
+  const char* off = std::getenv("SSIC_DISABLE_AVX2");
+  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+#ifdef SSIC_AVX2_DISPATCH
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
 
 const char* gemm_kernel_name() { return kernels().name; }
 

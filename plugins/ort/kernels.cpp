@@ -771,10 +771,7 @@ __attribute__((target("avx2,fma,f16c"))) void store_rows_avx2(const StoreArgs& a
 
 StoreRows pick_store_rows(bool half) {
 #ifdef SSIC_F16C_DISPATCH
-  const char* off = std::getenv("SSIC_DISABLE_AVX2");
-  const bool disabled = off != nullptr && off[0] != '\0' && off[0] != '0';
-  if (!disabled && f16c_usable() && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return half ? store_rows_avx2<true> : store_rows_avx2<false>;
+  if (avx2_fma_usable() && f16c_usable()) return half ? store_rows_avx2<true> : store_rows_avx2<false>;
 #endif
   (void)half;
   return store_rows_portable;

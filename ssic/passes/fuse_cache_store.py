@@ -13,8 +13,8 @@ Reshape from there into the buffer the cache is bound to. On DDIM (598 MB of flo
 510 ms of a 3.36 s prime, 3 Transposes of [1, 256, 256, 256] float16 110 ms each, and the reductions
 86 ms more. This pass replaces each such cache with ``cache, sum, sumsq = ssic::CacheStore(x, to)``,
 placed right after the node that produces ``x`` (the stock chain followed the whole model, so every
-cached activation stayed alive to the end), which reads ``x`` once and writes the cache where it is bound (``plugins/ort/kernels.cpp``; reference
-:func:`ssic.ops.cache_store_ref`); a GroupNorm's sums of the same ``x`` come from its ``sum`` and
+cached activation stayed alive to the end), which reads ``x`` once and writes the cache where it is
+bound (``plugins/ort/kernels.cpp``; reference :func:`ssic.ops.cache_store_ref`); a GroupNorm's sums of the same ``x`` come from its ``sum`` and
 ``sumsq`` outputs. The cache is bit for bit the stock ops' (float16 rounded to nearest even); the sums
 differ by summation order only (per-row float sums added in float64).
 
@@ -26,33 +26,24 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ssic.ops import CACHE_FLOAT, CACHE_FLOAT16, CACHE_STORE, DOMAIN, VERSION
+from ssic.passes.rewrite import STOCK_DOMAINS, is_stock, only_reader, take_over
 from ssic.passes.sparsify.context import const_array as _const
-
-_STOCK = ("", "ai.onnx")
-
-
-def _stock(node: ir.Node | None, op_type: str) -> bool:
-    return node is not None and node.op_type == op_type and node.domain in _STOCK
-
-
-def _single_use(value: ir.Value) -> bool:
-    return not value.is_graph_output() and len(list(value.uses())) == 1
 
 
 def _nhwc_cache(out: ir.Value) -> tuple[ir.Value, int, list[ir.Node]] | None:
     """``(x, to, nodes)`` when graph output ``out`` is ``Reshape(Transpose([Cast(x)], perm=[0,2,3,1]))``
     to ``[H, W, C]`` of a ``[1, C, H, W]`` float32 ``x``, each intermediate read only there."""
     reshape = out.producer()
-    if not _stock(reshape, "Reshape"):
+    if not is_stock(reshape, "Reshape"):
         return None
     transpose = reshape.inputs[0].producer()
-    if not _stock(transpose, "Transpose") or not _single_use(reshape.inputs[0]):
+    if not is_stock(transpose, "Transpose") or only_reader(reshape.inputs[0]) is None:
         return None
     if list(transpose.attributes.get_ints("perm", [])) != [0, 2, 3, 1]:
         return None
     x, nodes, to = transpose.inputs[0], [reshape, transpose], CACHE_FLOAT
     cast = x.producer()
-    if _stock(cast, "Cast") and cast.attributes.get_int("to", 0) == CACHE_FLOAT16 and _single_use(x):
+    if is_stock(cast, "Cast") and cast.attributes.get_int("to", 0) == CACHE_FLOAT16 and only_reader(x) is not None:
         x, to = cast.inputs[0], CACHE_FLOAT16
         nodes.append(cast)
     if x.dtype != ir.DataType.FLOAT or x.shape is None or len(x.shape) != 4 or x.shape[0] != 1:
@@ -68,25 +59,17 @@ def _channel_sum(out: ir.Value) -> tuple[ir.Value, str, list[ir.Node]] | None:
     """``(x, "sum" | "sumsq", nodes)`` when graph output ``out`` is ``Cast(ReduceSum[Square](x, axes=[0, 2, 3],
     keepdims=0), to=DOUBLE)``."""
     cast = out.producer()
-    if not _stock(cast, "Cast") or cast.attributes.get_int("to", 0) != ir.DataType.DOUBLE:
+    if not is_stock(cast, "Cast") or cast.attributes.get_int("to", 0) != ir.DataType.DOUBLE:
         return None
     red = cast.inputs[0].producer()
-    if red is None or red.domain not in _STOCK or red.op_type not in ("ReduceSum", "ReduceSumSquare"):
+    if red is None or red.domain not in STOCK_DOMAINS or red.op_type not in ("ReduceSum", "ReduceSumSquare"):
         return None
-    if not _single_use(cast.inputs[0]) or red.attributes.get_int("keepdims", 1) != 0:
+    if only_reader(cast.inputs[0]) is None or red.attributes.get_int("keepdims", 1) != 0:
         return None
     axes = _const(red.inputs[1]) if len(red.inputs) > 1 and red.inputs[1] is not None else None
     if axes is None or axes.reshape(-1).tolist() != [0, 2, 3]:
         return None
     return red.inputs[0], "sum" if red.op_type == "ReduceSum" else "sumsq", [cast, red]
-
-
-def _take_output(graph: ir.Graph, old: ir.Value, new: ir.Value) -> None:
-    """Graph output ``old`` becomes ``new`` (same name, shape and type)."""
-    name, shape, type_ = old.name, old.shape, old.type
-    old.replace_all_uses_with(new, replace_graph_outputs=True)
-    old.name = None
-    new.name, new.shape, new.type = name, shape, type_
 
 
 class FuseCacheStorePass(ir.passes.InPlacePass):
@@ -103,10 +86,10 @@ class FuseCacheStorePass(ir.passes.InPlacePass):
                 continue
             x, to, nodes = m
             node = ir.Node(DOMAIN, CACHE_STORE.name, [x], [ir.AttrInt64("to", to)],
-                           name=f"ssic/prime/cache_store_{len(stores) + len(dead)}", num_outputs=3)
+                           name=f"ssic/prime/cache_store_{out.name}", num_outputs=3)
             # right after x's producer (build-prime appended the stock chain at the end of the graph): x is
-            # read while it is still in cache, freed as soon as its other readers are done, and ONNX
-            # Runtime's GroupNormalization may then reuse it in place (see the module)
+            # read while it is still in cache, and freed as soon as its other readers are done (a
+            # GroupNormalization reading it then copied it less: BENCHMARKS.md, ninth session)
             producer = x.producer()
             if producer is not None and producer.graph is graph:
                 graph.insert_after(producer, node)
@@ -115,7 +98,7 @@ class FuseCacheStorePass(ir.passes.InPlacePass):
             node.outputs[1].name, node.outputs[2].name = f"{node.name}/sum", f"{node.name}/sumsq"
             for o in node.outputs[1:]:
                 o.type, o.shape = ir.TensorType(ir.DataType.DOUBLE), ir.Shape([x.shape[1]])
-            _take_output(graph, out, node.outputs[0])
+            take_over(out, node.outputs[0])
             stores.setdefault(id(x), node)
             dead += nodes
         for out in list(graph.outputs):
@@ -124,7 +107,7 @@ class FuseCacheStorePass(ir.passes.InPlacePass):
                 continue
             x, which, nodes = m
             store = stores[id(x)]
-            _take_output(graph, out, store.outputs[1 if which == "sum" else 2])
+            take_over(out, store.outputs[1 if which == "sum" else 2])
             dead += nodes
         if dead:
             model.opset_imports[DOMAIN] = VERSION

@@ -26,14 +26,8 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.ops import DOMAIN, TILE_CONV, pack_weight
+from ssic.passes.rewrite import only_reader, take_over
 from ssic.passes.sparsify.context import const_array as _const
-
-
-def _only_use(value: ir.Value) -> tuple[ir.Node, int] | None:
-    uses = list(value.uses())
-    if len(uses) != 1 or value.is_graph_output():
-        return None
-    return uses[0]
 
 
 def _gathered_columns(gather: ir.Node) -> int | None:
@@ -66,7 +60,7 @@ def _addend_ok(value: ir.Value, cout: int) -> bool:
 
 def _bias_of(node: ir.Node, cout: int) -> tuple[np.ndarray, ir.Node] | None:
     """The constant ``[Cout]`` operand of an ``Add`` that is the only reader of ``node``'s output."""
-    use = _only_use(node.outputs[0])
+    use = only_reader(node.outputs[0])
     if use is None or use[0].op_type != "Add" or use[0].domain not in ("", "ai.onnx"):
         return None
     add = use[0]
@@ -85,7 +79,7 @@ class FuseTileConvPass(ir.passes.InPlacePass):
         for gather in list(graph):
             if gather.domain != DOMAIN or gather.op_type != "TileGather":
                 continue
-            use = _only_use(gather.outputs[0])
+            use = only_reader(gather.outputs[0])
             if use is None or use[1] != 0:
                 continue
             mm = use[0]
@@ -123,12 +117,9 @@ class FuseTileConvPass(ir.passes.InPlacePass):
             attrs.append(ir.AttrInt64("cout", cout))
             node = ir.Node(DOMAIN, TILE_CONV.name, inputs, attrs, name=f"{name}/tile_conv", num_outputs=1)
             graph.insert_before(last, node)
-            old = last.outputs[0]
-            out_name, shape, type_ = old.name, old.shape, old.type
-            old.replace_all_uses_with(node.outputs[0], replace_graph_outputs=True)
+            take_over(last.outputs[0], node.outputs[0])
             for dead in ([bias[1]] if bias else []) + [mm, gather]:
                 graph.remove(dead, safe=True)
-            node.outputs[0].name, node.outputs[0].shape, node.outputs[0].type = out_name, shape, type_
             fused += 1
         if fused:
             from onnx_ir.passes.common import RemoveUnusedNodesPass

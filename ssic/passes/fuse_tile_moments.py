@@ -24,27 +24,20 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ssic.ops import DOMAIN, LAYOUT_NHWC, TILE_MOMENTS
+from ssic.passes.rewrite import STOCK_DOMAINS, is_stock, only_reader, readers, take_over
 from ssic.passes.sparsify.context import const_array as _const
-
-_STOCK = ("", "ai.onnx")
-
-
-def _uses(value: ir.Value) -> list[tuple[ir.Node, int]]:
-    return [] if value.is_graph_output() else list(value.uses())
 
 
 def _only(value: ir.Value, op_type: str) -> ir.Node | None:
     """The single stock-domain ``op_type`` node reading ``value``, else None."""
-    uses = _uses(value)
-    if len(uses) != 1 or uses[0][0].op_type != op_type or uses[0][0].domain not in _STOCK:
-        return None
-    return uses[0][0]
+    use = only_reader(value)
+    return use[0] if use is not None and is_stock(use[0], op_type) else None
 
 
 def _sum_to_double(red: ir.Node | None, value: ir.Value) -> tuple[ir.Node, ir.Node] | None:
     """``(red, cast)`` when ``red`` is ``ReduceSum(value, axes=[0], keepdims=0)`` read only by a
     ``Cast`` to DOUBLE."""
-    if red is None or red.op_type != "ReduceSum" or red.domain not in _STOCK or red.inputs[0] is not value:
+    if red is None or red.op_type != "ReduceSum" or red.domain not in STOCK_DOMAINS or red.inputs[0] is not value:
         return None
     if red.attributes.get_int("keepdims", 1) != 0:
         return None
@@ -71,14 +64,14 @@ def _old_values_gather(node: ir.Node) -> bool:
 
 
 def _match(sub: ir.Node) -> dict | None:
-    if sub.op_type != "Sub" or sub.domain not in _STOCK or len(sub.inputs) != 2:
+    if sub.op_type != "Sub" or sub.domain not in STOCK_DOMAINS or len(sub.inputs) != 2:
         return None
     new, old = sub.inputs
     gather = old.producer()
     if gather is None or not _old_values_gather(gather):
         return None
-    old_uses = _uses(old)
-    adds = [n for n, _ in old_uses if n.op_type == "Add" and n.domain in _STOCK and set(n.inputs) == {new, old}]
+    old_uses = readers(old)
+    adds = [n for n, _ in old_uses if n.op_type == "Add" and n.domain in STOCK_DOMAINS and set(n.inputs) == {new, old}]
     if len(old_uses) != 2 or len(adds) != 1 or not any(n is sub for n, _ in old_uses):
         return None
     add = adds[0]
@@ -91,13 +84,13 @@ def _match(sub: ir.Node) -> dict | None:
             return None
         dead.append(mask)
         diff = mask.outputs[0]
-    readers = _uses(diff)
-    if len(readers) != 2:
+    diff_uses = readers(diff)
+    if len(diff_uses) != 2:
         return None
-    prod = [n for n, _ in readers if n.op_type == "Mul" and n.domain in _STOCK and set(n.inputs) == {diff, add.outputs[0]}]
-    if len(prod) != 1 or len(_uses(add.outputs[0])) != 1:
+    prod = [n for n, _ in diff_uses if n.op_type == "Mul" and n.domain in STOCK_DOMAINS and set(n.inputs) == {diff, add.outputs[0]}]
+    if len(prod) != 1 or len(readers(add.outputs[0])) != 1:
         return None
-    reduce = [n for n, _ in readers if n.op_type == "ReduceSum"]
+    reduce = [n for n, _ in diff_uses if n.op_type == "ReduceSum"]
     first = _sum_to_double(reduce[0] if len(reduce) == 1 else None, diff)
     second = _sum_to_double(_only(prod[0].outputs[0], "ReduceSum"), prod[0].outputs[0])
     if first is None or second is None:
@@ -122,10 +115,8 @@ class FuseTileMomentsPass(ir.passes.InPlacePass):
                            [ir.AttrInt64("tile", m["tile"])], name=name, num_outputs=2)
             graph.insert_before(sub, node)
             for out, cast in zip(node.outputs, (m["sum"], m["sumsq"]), strict=True):
-                old = cast.outputs[0]
-                out_name, shape = old.name, old.shape
-                old.replace_all_uses_with(out, replace_graph_outputs=True)
-                out.name, out.shape, out.type = out_name, shape, ir.TensorType(ir.DataType.DOUBLE)
+                take_over(cast.outputs[0], out)
+                out.type = ir.TensorType(ir.DataType.DOUBLE)
             graph.remove(m["dead"], safe=True)
             fused += 1
         if fused:

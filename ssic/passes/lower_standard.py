@@ -47,6 +47,7 @@ from ssic.ops import (
     PAD_REFLECT,
     PAD_ZEROS,
 )
+from ssic.passes.rewrite import take_over
 
 DOMAIN = "ssic"
 
@@ -243,11 +244,8 @@ class LowerToStandardPass(ir.passes.InPlacePass):
             b = _Builder(graph, f"{node.name or f'ssic_{index}'}/std")
             new = lower(b, node)
             graph.insert_before(node, b.tape.nodes)
-            old = node.outputs[0]
-            name, shape, type_ = old.name, old.shape, old.type
-            old.replace_all_uses_with(new, replace_graph_outputs=True)
+            take_over(node.outputs[0], new)
             graph.remove(node, safe=True)
-            new.name, new.shape, new.type = name, shape, type_
             modified = True
         if modified:
             from onnx_ir.passes.common import RemoveUnusedNodesPass
