@@ -2,8 +2,8 @@
 
 ``compile_model`` resolves the options (:mod:`ssic.options`), then runs a named pipeline of phases
 (:data:`PHASES`): ``preprocess`` (an onnx-ir ``PassManager`` of small passes), ``plan``, ``sparsify``,
-``lower-standard`` (standard lowering only), ``fuse-tile-conv`` and ``fuse-tile-moments`` (ONNX
-Runtime with the fused lowering only), ``build-prime``, ``fuse-cache-store`` (as the fuse phases),
+``lower-standard`` (standard lowering only), ``fuse-tile-conv``, ``fuse-tile-moments``,
+``fuse-group-norm`` and ``fuse-tile-affine`` (ONNX Runtime with the fused lowering only), ``build-prime``, ``fuse-cache-store`` (as the fuse phases),
 ``build-mask`` and ``validate``. Each
 phase has a postcondition checked right after it; a failure names the phase. The artefact is written
 atomically by :func:`ssic.artefact.write_artefact` after every graph was checked with the ONNX checker
@@ -177,6 +177,18 @@ def _run_fuse_tile_moments(state: CompileState, log) -> bool:
     return FuseTileMomentsPass()(state.sparse).modified
 
 
+def _run_fuse_group_norm(state: CompileState, log) -> bool:
+    from ssic.passes.fuse_group_norm import FuseGroupNormPass
+
+    return FuseGroupNormPass()(state.sparse).modified
+
+
+def _run_fuse_tile_affine(state: CompileState, log) -> bool:
+    from ssic.passes.fuse_tile_affine import FuseTileAffinePass
+
+    return FuseTileAffinePass()(state.sparse).modified
+
+
 def _ensure_fused(state: CompileState) -> None:
     for n in state.sparse.graph.all_nodes():
         if n.domain == "ssic" and n.op_type == "TileConv":
@@ -245,6 +257,10 @@ PHASES: list[Phase] = [
     Phase("fuse-tile-conv", _run_fuse_tile_conv, _ensure_fused, required=False,
           applies=lambda o: o.lowering == "fused" and o.target == "ort"),
     Phase("fuse-tile-moments", _run_fuse_tile_moments, required=False,
+          applies=lambda o: o.lowering == "fused" and o.target == "ort"),
+    Phase("fuse-group-norm", _run_fuse_group_norm, required=False,
+          applies=lambda o: o.lowering == "fused" and o.target == "ort"),
+    Phase("fuse-tile-affine", _run_fuse_tile_affine, required=False,
           applies=lambda o: o.lowering == "fused" and o.target == "ort"),
     Phase("build-prime", _run_build_prime, _ensure_prime),
     Phase("fuse-cache-store", _run_fuse_cache_store, _ensure_prime, required=False,

@@ -223,6 +223,44 @@ TILE_MOMENTS = OpSpec(
     "standard-op form the sparse rewrite emits). Outputs float64.",
 )
 
+TILE_AFFINE = OpSpec(
+    name="TileAffine",
+    inputs=(
+        InputSpec("x", "T", doc="[rows, C] a tile tensor (NHWC rows)"),
+        InputSpec("scale", "T", doc="[C] per-channel factor"),
+        InputSpec("shift", "T", doc="[C] per-channel offset"),
+    ),
+    outputs=(InputSpec("y", "T", doc="[rows, C] act(x * scale + shift)"),),
+    attributes=_ACT_ATTRS,
+    doc="A per-channel affine map and activation over the rows of a tile tensor in one pass (ONNX Runtime "
+    "CPU only; the fused lowering's fuse-tile-affine pass builds it from the broadcasting Mul, Add and "
+    "activation the sparse rewrite emits for a pending epilogue). Output float32.",
+)
+
+GROUP_NORM_AFFINE = OpSpec(
+    name="GroupNormAffine",
+    inputs=(
+        InputSpec("sum", "TD", doc="[C] per-channel sum of the tensor as primed"),
+        InputSpec("sumsq", "TD", doc="[C] per-channel sum of squares as primed"),
+        InputSpec("dsum", "TD", doc="[C] the change of sum under the edit (TileMoments)"),
+        InputSpec("dsumsq", "TD", doc="[C] the change of sumsq under the edit"),
+        InputSpec("gamma", "TD", doc="[C] GroupNorm scale per channel"),
+        InputSpec("beta", "TD", doc="[C] GroupNorm bias per channel"),
+    ),
+    outputs=(InputSpec("new_sum", "TD", doc="[C] sum + dsum"),
+             InputSpec("new_sumsq", "TD", doc="[C] sumsq + dsumsq"),
+             InputSpec("scale", "T", doc="[C] gamma / sqrt(var + eps) of each channel's group"),
+             InputSpec("shift", "T", doc="[C] beta - mean * scale")),
+    attributes=(AttrSpec("groups", int, None, "GroupNorm groups (C a multiple of it)", min=1),
+                AttrSpec("count", int, None, "elements per group: H * W * C / groups", min=1),
+                AttrSpec("epsilon", float, None, "GroupNorm epsilon")),
+    doc="The per-channel scale and shift of a GroupNorm from the edited tensor's sums: sums updated by the "
+    "edit's change, reduced per group, mean and biased variance over count elements, in float64; scale and "
+    "shift rounded to float32. The [C] arithmetic of the incremental GroupNorm statistics in one node "
+    "(ONNX Runtime CPU only; the fused lowering's fuse-group-norm pass builds it from the 24 stock ops the "
+    "sparse rewrite emits).",
+)
+
 #: ``to`` of CacheStore: the cache's element type (ONNX TensorProto codes).
 CACHE_FLOAT = onnx.TensorProto.FLOAT
 CACHE_FLOAT16 = onnx.TensorProto.FLOAT16
@@ -242,7 +280,8 @@ CACHE_STORE = OpSpec(
 )
 
 OPS: dict[str, OpSpec] = {TILE_GATHER.name: TILE_GATHER, TILE_SCATTER.name: TILE_SCATTER, TILE_CONV.name: TILE_CONV,
-                          TILE_MOMENTS.name: TILE_MOMENTS, CACHE_STORE.name: CACHE_STORE}
+                          TILE_MOMENTS.name: TILE_MOMENTS, CACHE_STORE.name: CACHE_STORE,
+                          GROUP_NORM_AFFINE.name: GROUP_NORM_AFFINE, TILE_AFFINE.name: TILE_AFFINE}
 
 
 # --------------------------------------------------------------------------------------------
@@ -374,8 +413,23 @@ def _infer_cache_store(ctx) -> None:
         ctx.set_output_type(i, tp)
 
 
+def _infer_tile_affine(ctx) -> None:
+    ctx.set_output_type(0, _float_type(_dims(ctx.get_input_type(0))))
+
+
+def _infer_group_norm_affine(ctx) -> None:
+    dims = [_dims(ctx.get_input_type(i)) for i in range(6)]
+    c = next((d[0] for d in dims if d is not None and len(d) == 1 and d[0] is not None), None)
+    for i in range(4):
+        tp = _float_type([c])
+        if i < 2:
+            tp.tensor_type.elem_type = onnx.TensorProto.DOUBLE
+        ctx.set_output_type(i, tp)
+
+
 _INFER = {CACHE_STORE.name: _infer_cache_store, TILE_GATHER.name: _infer_tile_gather, TILE_SCATTER.name: _infer_tile_scatter,
-          TILE_CONV.name: _infer_tile_conv, TILE_MOMENTS.name: _infer_tile_moments}
+          TILE_CONV.name: _infer_tile_conv, TILE_MOMENTS.name: _infer_tile_moments,
+          GROUP_NORM_AFFINE.name: _infer_group_norm_affine, TILE_AFFINE.name: _infer_tile_affine}
 
 _ATTR_TYPES = {int: defs.OpSchema.AttrType.INT, float: defs.OpSchema.AttrType.FLOAT}
 
@@ -599,3 +653,35 @@ def cache_store_ref(x, *, to: int = CACHE_FLOAT) -> tuple[np.ndarray, np.ndarray
     cache = x[0].transpose(1, 2, 0).astype(np.float16 if to == CACHE_FLOAT16 else np.float32)
     flat = x[0].reshape(x.shape[1], -1).astype(np.float64)
     return np.ascontiguousarray(cache), flat.sum(1), (flat * flat).sum(1)
+
+
+def group_norm_affine_ref(sum_, sumsq, dsum, dsumsq, gamma, beta, *, groups: int, count: int,
+                          epsilon: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Return GroupNormAffine's ``(new_sum, new_sumsq, scale, shift)``: float64 ``[C]`` sums
+    ``sum + dsum`` and ``sumsq + dsumsq``; per group ``mean = S1 / count`` and the biased variance
+    ``S2 / count - mean^2`` (``S1``, ``S2``: the group's channels' new sums), then per channel
+    ``scale = gamma / sqrt(var + epsilon)`` and ``shift = beta - mean * scale`` computed in float64 and
+    rounded to float32 (GroupNorm as ``torch.nn.GroupNorm`` and ONNX GroupNormalization define it).
+    Raises ``ValueError`` when the inputs are not all ``[C]`` or ``C`` is not a multiple of ``groups``."""
+    arrays = [np.asarray(a, np.float64).reshape(-1) for a in (sum_, sumsq, dsum, dsumsq, gamma, beta)]
+    c = arrays[0].size
+    if any(a.size != c for a in arrays) or groups < 1 or c % groups:
+        raise ValueError(f"GroupNormAffine: inputs must all be [C] with C a multiple of groups={groups}")
+    s1, s2 = arrays[0] + arrays[2], arrays[1] + arrays[3]
+    mean = s1.reshape(groups, -1).sum(1) / count
+    var = s2.reshape(groups, -1).sum(1) / count - mean * mean
+    inv = np.repeat(1.0 / np.sqrt(var + epsilon), c // groups)
+    scale = inv * arrays[4]
+    shift = arrays[5] - np.repeat(mean, c // groups) * scale
+    return s1, s2, scale.astype(np.float32), shift.astype(np.float32)
+
+
+def tile_affine_ref(x, scale, shift, *, activation: int = ACT_IDENTITY, alpha: float = DEFAULT_ALPHA) -> np.ndarray:
+    """Return TileAffine's ``act(x * scale + shift)`` (float32 ``[rows, C]``; ``scale``, ``shift``
+    float32 ``[C]``). Raises ``ValueError`` for other shapes or an unknown activation code."""
+    x = np.asarray(x, np.float32)
+    scale, shift = np.asarray(scale, np.float32), np.asarray(shift, np.float32)
+    if x.ndim != 2 or scale.shape != (x.shape[1],) or shift.shape != (x.shape[1],):
+        raise ValueError(f"TileAffine: x must be [rows, C] and scale, shift [C]; got {list(x.shape)}, "
+                         f"{list(scale.shape)}, {list(shift.shape)}")
+    return apply_activation(x * scale + shift, activation, alpha)

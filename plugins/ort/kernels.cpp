@@ -798,4 +798,56 @@ std::string cache_store(const StoreArgs& a, const ParallelFor& pfor) {
   return {};
 }
 
+namespace {
+
+template <int64_t Act>
+void affine_rows(const AffineArgs& a, const ParallelFor& pfor) {
+  const ActArgs act = act_args(a.alpha);
+  const int64_t c = a.channels;
+  const int64_t block = std::max<int64_t>(1, 16384 / std::max<int64_t>(c, 1));  // rows per chunk
+  pfor((a.rows + block - 1) / block, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin * block; r < std::min(a.rows, end * block); ++r)
+      transform<Act, true>(a.x + r * c, 1, a.scale, a.shift, act, a.y + r * c, c);
+  });
+}
+
+}  // namespace
+
+std::string tile_affine(const AffineArgs& a, const ParallelFor& pfor) {
+  switch (a.activation) {
+    case kIdentity: affine_rows<kIdentity>(a, pfor); break;
+    case kRelu: affine_rows<kRelu>(a, pfor); break;
+    case kLeakyRelu: affine_rows<kLeakyRelu>(a, pfor); break;
+    case kSwish: affine_rows<kSwish>(a, pfor); break;
+    default: return "TileAffine: unknown activation " + std::to_string(a.activation);
+  }
+  return {};
+}
+
+std::string group_norm_affine(const GroupNormAffineArgs& a) {
+  if (a.groups < 1 || a.channels % a.groups != 0)
+    return "GroupNormAffine: " + std::to_string(a.channels) + " channels are not a multiple of groups=" +
+           std::to_string(a.groups);
+  if (a.count < 1) return "GroupNormAffine: count must be >= 1";
+  const int64_t per = a.channels / a.groups;
+  const double n = static_cast<double>(a.count);
+  for (int64_t g = 0; g < a.groups; ++g) {
+    double s1 = 0.0, s2 = 0.0;
+    for (int64_t k = g * per; k < (g + 1) * per; ++k) {
+      a.new_sum[k] = a.sum[k] + a.dsum[k];
+      a.new_sumsq[k] = a.sumsq[k] + a.dsumsq[k];
+      s1 += a.new_sum[k];
+      s2 += a.new_sumsq[k];
+    }
+    const double mean = s1 / n;
+    const double inv = 1.0 / std::sqrt(s2 / n - mean * mean + a.epsilon);
+    for (int64_t k = g * per; k < (g + 1) * per; ++k) {
+      const double scale = inv * a.gamma[k];
+      a.scale[k] = static_cast<float>(scale);
+      a.shift[k] = static_cast<float>(a.beta[k] - mean * scale);
+    }
+  }
+  return {};
+}
+
 }  // namespace ssic

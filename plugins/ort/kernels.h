@@ -101,6 +101,26 @@ struct StoreArgs {
   double* sumsq;         // [C]: sum of x * x
 };
 
+// GroupNormAffine: a GroupNorm's per-channel scale and shift from its updated sums
+// (ssic/ops.py group_norm_affine_ref).
+struct GroupNormAffineArgs {
+  const double *sum, *sumsq, *dsum, *dsumsq, *gamma, *beta;  // [C] each
+  int64_t channels, groups, count;                         // count: elements per group
+  double epsilon;
+  double *new_sum, *new_sumsq;                             // [C]: sum + dsum, sumsq + dsumsq
+  float *scale, *shift;                                    // [C]
+};
+
+// TileAffine: y = act(x * scale + shift) per channel over the rows of a tile tensor
+// (ssic/ops.py tile_affine_ref).
+struct AffineArgs {
+  const float* x;                      // [rows, C]
+  const float *scale, *shift;          // [C]
+  int64_t rows, channels, activation;  // activation: an Activation code
+  float alpha;                         // leaky relu slope
+  float* y;                            // [rows, C]
+};
+
 // float16 (IEEE binary16 bits) -> float32, exact for every value (subnormals, infinities, NaNs).
 float half_to_float(uint16_t h);
 // dst[i] = half_to_float(src[i]) for i < n: F16C instructions where the CPU has them (checked at run
@@ -124,5 +144,9 @@ std::string tile_moments(const MomentsArgs& a, const ParallelFor& pfor);
 // One pass over x: blocks of pixels transposed through a small buffer, image rows split between the
 // threads; per-row float sums added up in double in row order (the same result for any thread count).
 std::string cache_store(const StoreArgs& a, const ParallelFor& pfor);
+// Row blocks of about 16K values split between the threads; swish through the vectorised exp.
+std::string tile_affine(const AffineArgs& a, const ParallelFor& pfor);
+// [C] work only: one thread, channels in order within each group.
+std::string group_norm_affine(const GroupNormAffineArgs& a);
 
 }  // namespace ssic

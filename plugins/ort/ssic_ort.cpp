@@ -433,6 +433,93 @@ struct TileMomentsKernel {
   Ort::Status ComputeRaw(OrtKernelContext* /*ctx*/) { return invalid("TileMoments: tiles, cache and idx are required"); }
 };
 
+// A per-channel affine map and activation over the rows of a tile tensor (the pending epilogue of a
+// GroupNorm or BatchNorm, made one pass instead of ONNX Runtime's broadcasting Mul, Add and activation).
+struct TileAffineKernel {
+  int64_t activation = 0;
+  float alpha = 0.01f;
+  std::string attr_error;
+
+  TileAffineKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    AttrReader r{api, info, {}};
+    activation = r.get_int("activation", 0);
+    alpha = r.get_float("alpha", 0.01f);
+    attr_error = r.error;
+    if (attr_error.empty() && (activation < 0 || activation > 3)) attr_error = "activation must be 0..3";
+  }
+
+  Ort::Status Compute(OrtKernelContext* ctx, const Tensor<float>& x, const Tensor<float>& scale,
+                      const Tensor<float>& shift, Tensor<float>& y) {
+    try {
+      if (!attr_error.empty()) return invalid("TileAffine: " + attr_error);
+      const auto xs = x.Shape();
+      if (xs.size() != 2) return invalid("TileAffine: x must be [rows, C], got " + shape_str(xs));
+      const std::vector<int64_t> want{xs[1]};
+      if (scale.Shape() != want || shift.Shape() != want)
+        return invalid("TileAffine: scale and shift must be " + shape_str(want) + ", got " + shape_str(scale.Shape()) +
+                       " and " + shape_str(shift.Shape()));
+      ssic::AffineArgs a{};
+      a.x = x.Data(), a.scale = scale.Data(), a.shift = shift.Data();
+      a.rows = xs[0], a.channels = xs[1], a.activation = activation, a.alpha = alpha;
+      a.y = y.Allocate(xs);
+      const std::string err = ssic::tile_affine(a, make_pfor(ctx));
+      if (!err.empty()) return invalid(err);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+  // Every input is required: the guard never routes here, but create_op needs the entry point.
+  Ort::Status ComputeRaw(OrtKernelContext* /*ctx*/) { return invalid("TileAffine: x, scale and shift are required"); }
+};
+
+// A GroupNorm's scale and shift from its sums: [C] vectors, so one thread and no blocking.
+struct GroupNormAffineKernel {
+  int64_t groups = 1, count = 1;
+  float epsilon = 1e-5f;
+  std::string attr_error;
+
+  GroupNormAffineKernel(const OrtApi* api, const OrtKernelInfo* info) {
+    AttrReader r{api, info, {}};
+    groups = r.get_int("groups", std::nullopt);
+    count = r.get_int("count", std::nullopt);
+    epsilon = r.get_float("epsilon", 1e-5f);
+    attr_error = r.error;
+  }
+
+  Ort::Status Compute(OrtKernelContext* /*ctx*/, const Tensor<double>& sum, const Tensor<double>& sumsq,
+                      const Tensor<double>& dsum, const Tensor<double>& dsumsq, const Tensor<double>& gamma,
+                      const Tensor<double>& beta, Tensor<double>& new_sum, Tensor<double>& new_sumsq,
+                      Tensor<float>& scale, Tensor<float>& shift) {
+    try {
+      if (!attr_error.empty()) return invalid("GroupNormAffine: " + attr_error);
+      const auto shape = sum.Shape();
+      if (shape.size() != 1) return invalid("GroupNormAffine: sum must be [C], got " + shape_str(shape));
+      for (const auto* t : {&sumsq, &dsum, &dsumsq, &gamma, &beta}) {
+        if (t->Shape() != shape)
+          return invalid("GroupNormAffine: every input must be " + shape_str(shape) + ", got " + shape_str(t->Shape()));
+      }
+      ssic::GroupNormAffineArgs a{};
+      a.sum = sum.Data(), a.sumsq = sumsq.Data(), a.dsum = dsum.Data(), a.dsumsq = dsumsq.Data();
+      a.gamma = gamma.Data(), a.beta = beta.Data();
+      a.channels = shape[0], a.groups = groups, a.count = count, a.epsilon = epsilon;
+      a.new_sum = new_sum.Allocate(shape);
+      a.new_sumsq = new_sumsq.Allocate(shape);
+      a.scale = scale.Allocate(shape);
+      a.shift = shift.Allocate(shape);
+      const std::string err = ssic::group_norm_affine(a);
+      if (!err.empty()) return invalid(err);
+      return Ort::Status{nullptr};
+    } catch (const std::exception& e) {
+      return Ort::Status(e.what(), ORT_RUNTIME_EXCEPTION);
+    }
+  }
+
+  // Every input is required: the guard never routes here, but create_op needs the entry point.
+  Ort::Status ComputeRaw(OrtKernelContext* /*ctx*/) { return invalid("GroupNormAffine: all six inputs are required"); }
+};
+
 // The NHWC cache of a prime-run activation and its per-channel moments. The cache's element type is the
 // node's (float32 or float16, attribute `to`): the op is registered once with that output left open
 // (create_cache_store), so the lite API's typed output is not used for it.
@@ -518,6 +605,8 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain->Add(create_op<TileMomentsKernel<float>>("TileMoments"));
       domain->Add(create_op<TileMomentsKernel<Ort::Float16_t>>("TileMoments"));
       domain->Add(create_cache_store());
+      domain->Add(create_op<GroupNormAffineKernel>("GroupNormAffine"));
+      domain->Add(create_op<TileAffineKernel>("TileAffine"));
     });
     Ort::UnownedSessionOptions(options).Add(static_cast<OrtCustomOpDomain*>(*domain));
   } catch (const std::exception& e) {
