@@ -623,7 +623,7 @@ def _print_bench(result: dict, as_json: bool) -> None:
 
 @cli.command()
 @click.argument("artefact", type=click.Path())
-@click.option("--golden", required=True, type=click.Path(), help="Directory with inputs.npz, edited.npz, mask.npy, expected.npz.")
+@click.option("--golden", required=True, type=click.Path(), help="Directory with original.npz, edited.npz, mask.npy, expected.npz (and artefact.json: what wrote them).")
 @click.option("--atol", type=click.FloatRange(min=0), default=1e-4, show_default=True, callback=_finite)
 @click.option("--rtol", type=click.FloatRange(min=0), default=1e-3, show_default=True, callback=_finite)
 @click.option("--psnr", "min_psnr", type=float, default=60.0, callback=_finite, show_default=True, help="Minimum PSNR (dB) per output.")
@@ -650,7 +650,9 @@ def verify(artefact, golden, atol, rtol, min_psnr, update, as_json) -> None:
             click.echo(f"{status} {row['name']:<24} max abs err {row['max_abs_err']:.3g} "
                        f"(atol {atol}, rtol {rtol}), PSNR {row['psnr']:.1f} dB, {row['mismatched']} element(s) out of tolerance")
     if not report["ok"]:
-        raise SSICError(f"verification failed for {sum(not r['ok'] for r in report['checks'])} output(s) against {golden}")
+        hint = f": {report['hint']}" if report.get("hint") else ""
+        raise SSICError(f"verification failed for {sum(not r['ok'] for r in report['checks'])} output(s) against "
+                        f"{golden}{hint}")
 
 
 @cli.command()

@@ -522,12 +522,13 @@ def _calibrate(tmp: Path, manifest: Manifest, state: CompileState, log) -> None:
 def _check_output(out: Path, *, force: bool, model_path: Path) -> None:
     """Refuse an output that exists unless ``force`` and it is an ssic artefact (never a user's folder)."""
     parent = out.resolve().parent
+    shown = out.parent if str(out.parent) not in ("", ".") else Path(".")  # as the user wrote it, not absolute
     if not parent.exists():
-        raise SSICError(f"cannot write {out}: directory {parent} does not exist")
+        raise SSICError(f"cannot write {out}: directory {shown} does not exist")
     if not parent.is_dir():
-        raise SSICError(f"cannot write {out}: {parent} is not a directory")
+        raise SSICError(f"cannot write {out}: {shown} is not a directory")
     if not os.access(parent, os.W_OK):
-        raise SSICError(f"cannot write {out}: directory {parent} is not writable")
+        raise SSICError(f"cannot write {out}: directory {shown} is not writable")
     check_output_dir(out, force=force, protected=[model_path])  # --force replaces only an artefact
 
 

@@ -351,6 +351,10 @@ def test_output_dir_parent_missing(net, tmp_path):
         ssic.compile(net["onnx"], output_dir=out, exact=True)
     assert_one_line_error(run_cli("compile", net["onnx"], "-o", out, "--exact"), "does not exist")
     assert not (tmp_path / "no").exists()
+    # a relative -o is reported as written, not as an absolute path of this machine
+    proc = run_cli("compile", net["onnx"], "-o", "no/such/dir.ssic", "--exact", cwd=tmp_path)
+    assert_one_line_error(proc, "cannot write no/such/dir.ssic: directory no/such does not exist")
+    assert str(tmp_path) not in proc.stderr
 
 
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
@@ -598,6 +602,10 @@ BAD_INPUTS = {
     "nan": ({"x": np.full((1, 3, H, W), np.nan, np.float32)}, "non-finite"),
     "inf": ({"x": np.where(np.eye(W, dtype=bool), np.inf, np.zeros((1, 3, H, W), np.float32))}, "non-finite"),
     "neg-inf-float64": ({"x": np.full((1, 3, H, W), -np.inf)}, "non-finite"),
+    "inf-and-neg-inf": ({"x": np.where(np.eye(W, dtype=bool), np.inf, -np.inf).astype(np.float32)[None, None]
+                         .repeat(3, 1)}, "non-finite"),
+    "one-nan": ({"x": np.where(np.arange(3 * H * W).reshape(1, 3, H, W) == 3 * H * W // 2, np.nan, 0)
+                 .astype(np.float32)}, "non-finite"),
     "strings": ({"x": np.full((1, 3, H, W), "a")}, "dtype"),
     "objects": ({"x": np.empty((1, 3, H, W), object)}, "dtype"),
     "unknown-name": ({"x": np.zeros((1, 3, H, W), np.float32), "z": np.zeros(3)}, "unknown input"),
@@ -616,6 +624,12 @@ def test_bad_inputs_keep_the_session(primed, kind, call):
     assert "\n" not in str(info.value)
     assert sess.cache_ids == [0]
     assert_session_usable(primed)
+
+
+def test_large_finite_inputs_are_accepted(primed):
+    """Values whose sum overflows float32 are finite: the input check must not refuse them."""
+    x = np.full((1, 3, H, W), 3e38, np.float32)
+    primed["sess"].dense({"x": x})
 
 
 BAD_MASKS = {

@@ -39,7 +39,8 @@ def test_goldens_present_and_small():
     total = 0
     for name in MODELS:
         d = GOLDEN_DIR / name
-        assert {p.name for p in d.iterdir()} == {"original.npz", "edited.npz", "mask.npy", "expected.npz"}, d
+        names = {p.name for p in d.iterdir()}
+        assert names - {"artefact.json"} == {"original.npz", "edited.npz", "mask.npy", "expected.npz"}, d
         with np.load(d / "expected.npz") as data:
             assert all(data[k].dtype == np.float32 for k in data.files)
             assert any(k.startswith("prime/") for k in data.files) and any(k.startswith("edit/") for k in data.files)
@@ -99,3 +100,28 @@ def test_perturbed_input_fails(artefact, tmp_path):
     assert not report["ok"]
     bad = [r["name"] for r in report["checks"] if not r["ok"]]
     assert bad == ["edit/image"], report
+
+
+def test_goldens_of_other_options_fail_with_a_hint(artefact, tiny_artefact, tmp_path):
+    """Goldens written by the default compile, checked against an exact-mode artefact: the one-line
+    error names the option that differs and --update; with the same options but another compiler it
+    names the build instead."""
+    golden = tmp_path / "ddim"
+    proc = verify(artefact("ddim"), golden, "--update")
+    assert proc.returncode == 0, proc.stderr
+    identity = json.loads((golden / "artefact.json").read_text())
+    assert identity["options"]["exact"] is False and identity["compiler_digest"]
+    proc = verify(tiny_artefact("ddim", "fused", exact=True), golden)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    err = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(err) == 1 and "compiled with other options (" in err[0] and "--update" in err[0], err
+    assert "exact False -> True" in err[0], err
+
+    identity["compiler_digest"] = "0" * 16  # the same options, written by another build
+    (golden / "artefact.json").write_text(json.dumps(identity))
+    with np.load(golden / "expected.npz") as data:
+        arrays = {k: data[k] + 1.0 for k in data.files}
+    np.savez(golden / "expected.npz", **arrays)
+    proc = verify(artefact("ddim"), golden)
+    assert proc.returncode == 2
+    assert "written by another build of ssic" in proc.stderr and "other options" not in proc.stderr, proc.stderr
