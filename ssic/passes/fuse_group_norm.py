@@ -30,7 +30,7 @@ import numpy as np
 import onnx_ir as ir
 
 from ssic.ops import DOMAIN, GROUP_NORM_AFFINE
-from ssic.passes.rewrite import is_stock, readers, take_over
+from ssic.passes.rewrite import fuse_matches, is_stock, readers
 from ssic.passes.sparsify.context import const_array as _const
 
 
@@ -148,45 +148,29 @@ def _match(scale_cast: ir.Node) -> dict | None:
     for add in (add1, add2):
         if any(id(n) not in inside for n, _ in add.outputs[0].uses()):
             return None
-    return {"adds": (add1, add2), "casts": (scale_cast, shift_cast), "gamma": scale_mul, "beta": shift_sub,
-            "groups": groups, "count": int(count), "eps": float(eps.reshape(-1)[0]), "dead": nodes}
+    return {"adds": (add1, add2), "gamma": scale_mul, "beta": shift_sub, "groups": groups, "count": int(count),
+            "eps": float(eps.reshape(-1)[0]), "dead": [*nodes, add1, add2],
+            "olds": [add1.outputs[0], add2.outputs[0], scale_cast.outputs[0], shift_cast.outputs[0]]}
 
 
 def _const_input(node: ir.Node) -> ir.Value:
     return next(v for v in node.inputs if _const(v) is not None)
 
 
+def _build(cast: ir.Node, m: dict) -> ir.Node | None:
+    add1, add2 = m["adds"]
+    gamma, beta = _const_input(m["gamma"]), m["beta"].inputs[0]
+    if any(_const(v).dtype != np.float64 for v in (gamma, beta)):  # float64 [C], as the stock form computes
+        return None
+    return ir.Node(DOMAIN, GROUP_NORM_AFFINE.name,
+                   [add1.inputs[0], add2.inputs[0], add1.inputs[1], add2.inputs[1], gamma, beta],
+                   [ir.AttrInt64("groups", m["groups"]), ir.AttrInt64("count", m["count"]),
+                    ir.AttrFloat32("epsilon", m["eps"])],
+                   name=f"{cast.name or 'gn'}/group_norm_affine", num_outputs=4)
+
+
 class FuseGroupNormPass(ir.passes.InPlacePass):
     """Replace the stock-op GroupNorm scale/shift arithmetic with ``ssic::GroupNormAffine`` (see the module)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        fused = 0
-        for cast in list(graph):
-            m = _match(cast)
-            if m is None:
-                continue
-            add1, add2 = m["adds"]
-            gamma = _const_input(m["gamma"])
-            beta = m["beta"].inputs[0]
-            for v in (gamma, beta):  # float64 [C], as the stock form computes
-                if _const(v).dtype != np.float64:
-                    break
-            else:
-                node = ir.Node(DOMAIN, GROUP_NORM_AFFINE.name,
-                               [add1.inputs[0], add2.inputs[0], add1.inputs[1], add2.inputs[1], gamma, beta],
-                               [ir.AttrInt64("groups", m["groups"]), ir.AttrInt64("count", m["count"]),
-                                ir.AttrFloat32("epsilon", m["eps"])],
-                               name=f"{cast.name or 'gn'}/group_norm_affine", num_outputs=4)
-                graph.insert_before(cast, node)
-                olds = (add1.outputs[0], add2.outputs[0], *(c.outputs[0] for c in m["casts"]))
-                for old, new in zip(olds, node.outputs, strict=True):
-                    take_over(old, new)
-                graph.remove([*m["dead"], add1, add2], safe=True)
-                fused += 1
-        if fused:
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
-
-            graph.sort()
-            RemoveUnusedNodesPass()(model)  # the shape, count and epsilon constants left without readers
-        return ir.passes.PassResult(model, fused > 0)
+        return ir.passes.PassResult(model, fuse_matches(model, _match, _build) > 0)

@@ -35,7 +35,7 @@ from ssic.ops import (
     DOMAIN,
     TILE_AFFINE,
 )
-from ssic.passes.rewrite import is_stock, only_reader, readers, take_over
+from ssic.passes.rewrite import fuse_matches, is_stock, only_reader, readers
 from ssic.passes.sparsify.context import const_array as _const
 
 
@@ -117,8 +117,25 @@ def _match(node: ir.Node) -> dict | None:
             code, alpha, more = act
             nodes += more
             y = more[-1].outputs[0]
-        return {"x": x, "c": c, "scale": scale, "shift": shift, "act": code, "alpha": alpha, "y": y, "nodes": nodes}
+        return {"x": x, "c": c, "scale": scale, "shift": shift, "act": code, "alpha": alpha, "olds": [y], "dead": nodes}
     return None
+
+
+def _build(node: ir.Node, m: dict, graph: ir.Graph) -> ir.Node:
+    c, name = m["c"], node.name or "affine"
+    inputs = [m["x"]]
+    for v, fill, hint in ((m["scale"], 1.0, "scale"), (m["shift"], 0.0, "shift")):
+        if v is None:  # a missing factor is 1, a missing offset 0
+            v = np.full(c, fill, np.float32)
+        if isinstance(v, np.ndarray):
+            const_name = f"{name}/{hint}"
+            v = ir.Value(name=const_name, shape=ir.Shape([c]), type=ir.TensorType(ir.DataType.FLOAT),
+                         const_value=ir.tensor(v, name=const_name))
+            graph.register_initializer(v)
+        inputs.append(v)
+    return ir.Node(DOMAIN, TILE_AFFINE.name, inputs,
+                   [ir.AttrInt64("activation", m["act"]), ir.AttrFloat32("alpha", m["alpha"])],
+                   name=f"{name}/tile_affine")
 
 
 class FuseTileAffinePass(ir.passes.InPlacePass):
@@ -128,31 +145,5 @@ class FuseTileAffinePass(ir.passes.InPlacePass):
         from onnx_ir.passes.common import ShapeInferencePass
 
         ShapeInferencePass(strict_mode=False)(model)
-        graph = model.graph
-        fused, consumed = 0, set()
-        for node in list(graph):
-            if id(node) in consumed:
-                continue
-            m = _match(node)
-            if m is None or any(id(n) in consumed for n in m["nodes"]):
-                continue
-            c, name = m["c"], node.name or "affine"
-            inputs = [m["x"]]
-            for v, fill, hint in ((m["scale"], 1.0, "scale"), (m["shift"], 0.0, "shift")):
-                if v is None:
-                    v = np.full(c, fill, np.float32)
-                if isinstance(v, np.ndarray):
-                    const_name = f"{name}/{hint}"
-                    v = ir.Value(name=const_name, shape=ir.Shape([c]), type=ir.TensorType(ir.DataType.FLOAT),
-                                 const_value=ir.tensor(v, name=const_name))
-                    graph.register_initializer(v)
-                inputs.append(v)
-            fused_node = ir.Node(DOMAIN, TILE_AFFINE.name, inputs,
-                                 [ir.AttrInt64("activation", m["act"]), ir.AttrFloat32("alpha", m["alpha"])],
-                                 name=f"{name}/tile_affine")
-            graph.insert_before(node, fused_node)
-            take_over(m["y"], fused_node.outputs[0])
-            graph.remove(m["nodes"], safe=True)
-            consumed.update(id(n) for n in m["nodes"])
-            fused += 1
+        fused = fuse_matches(model, _match, lambda node, m: _build(node, m, model.graph))
         return ir.passes.PassResult(model, fused > 0)

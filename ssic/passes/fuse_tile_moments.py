@@ -24,7 +24,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from ssic.ops import DOMAIN, LAYOUT_NHWC, TILE_MOMENTS
-from ssic.passes.rewrite import STOCK_DOMAINS, is_stock, only_reader, readers, take_over
+from ssic.passes.rewrite import STOCK_DOMAINS, fuse_matches, is_stock, only_reader, readers
 from ssic.passes.sparsify.context import const_array as _const
 
 
@@ -96,31 +96,20 @@ def _match(sub: ir.Node) -> dict | None:
     if first is None or second is None:
         return None
     dead += [prod[0], *first, *second]
-    return {"new": new, "cache": gather.inputs[1], "idx": gather.inputs[3],
-            "tile": gather.attributes.get_int("tile"), "sum": first[1], "sumsq": second[1], "dead": dead}
+    return {"new": new, "cache": gather.inputs[1], "idx": gather.inputs[3], "tile": gather.attributes.get_int("tile"),
+            "olds": [first[1].outputs[0], second[1].outputs[0]], "dead": dead}
 
 
 class FuseTileMomentsPass(ir.passes.InPlacePass):
     """Replace the stock-op GroupNorm statistics correction with ``ssic::TileMoments`` (see the module)."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        fused = 0
-        for sub in list(graph):
-            m = _match(sub)
-            if m is None:
-                continue
-            name = f"{sub.name or 'gn'}/tile_moments"
+        def build(sub: ir.Node, m: dict) -> ir.Node:
             node = ir.Node(DOMAIN, TILE_MOMENTS.name, [m["new"], m["cache"], m["idx"]],
-                           [ir.AttrInt64("tile", m["tile"])], name=name, num_outputs=2)
-            graph.insert_before(sub, node)
-            for out, cast in zip(node.outputs, (m["sum"], m["sumsq"]), strict=True):
-                take_over(cast.outputs[0], out)
+                           [ir.AttrInt64("tile", m["tile"])], name=f"{sub.name or 'gn'}/tile_moments", num_outputs=2)
+            for out in node.outputs:
                 out.type = ir.TensorType(ir.DataType.DOUBLE)
-            graph.remove(m["dead"], safe=True)
-            fused += 1
-        if fused:
-            from onnx_ir.passes.common import RemoveUnusedNodesPass
+            return node
 
-            RemoveUnusedNodesPass()(model)  # the valid-row masks left without readers
-        return ir.passes.PassResult(model, fused > 0)
+        # the valid-row masks left without readers go with the unused nodes
+        return ir.passes.PassResult(model, fuse_matches(model, _match, build) > 0)
