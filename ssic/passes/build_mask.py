@@ -39,10 +39,12 @@ def build_mask_graph(input_hw: tuple[int, int], grids: list[Grid], *, radius: in
     zero = b.const(np.array(0.0, np.float32))
     cap = b.const(np.array(PYRAMID_THRESHOLD, np.float32))
     eps = b.const(np.array(PYRAMID_EPS, np.float32))
-    for (h, w) in chain[1:]:
-        # 2x2 averaging of the previous level (an odd last row/column is dropped, as the reference does)
-        cropped = b.op("Slice", [cur, b.const(np.array([0, 0], np.int64)), b.const(np.array([2 * h, 2 * w], np.int64)),
-                                 b.const(np.array([2, 3], np.int64))])
+    for prev, (h, w) in zip(chain, chain[1:]):
+        # 2x2 averaging of the previous level (an odd last row/column is dropped, as the reference does;
+        # no Slice where nothing is dropped: it copied the whole level, 0.2 ms at 1024x1024)
+        cropped = cur if tuple(prev) == (2 * h, 2 * w) else b.op(
+            "Slice", [cur, b.const(np.array([0, 0], np.int64)), b.const(np.array([2 * h, 2 * w], np.int64)),
+                      b.const(np.array([2, 3], np.int64))])
         halved = b.op("AveragePool", [cropped], kernel_shape=[2, 2], strides=[2, 2])
         top = b.op("ReduceMax", [halved], keepdims=0)
         thr = b.op("Max", [b.op("Min", [cap, b.op("Sub", [top, eps])]), zero])
