@@ -522,7 +522,7 @@ def _calibrate(tmp: Path, manifest: Manifest, state: CompileState, log) -> None:
 def _check_output(out: Path, *, force: bool, model_path: Path) -> None:
     """Refuse an output that exists unless ``force`` and it is an ssic artefact (never a user's folder)."""
     parent = out.resolve().parent
-    shown = out.parent if str(out.parent) not in ("", ".") else Path(".")  # as the user wrote it, not absolute
+    shown = out.parent  # as the user wrote it, not absolute
     if not parent.exists():
         raise SSICError(f"cannot write {out}: directory {shown} does not exist")
     if not parent.is_dir():

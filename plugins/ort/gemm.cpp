@@ -99,9 +99,13 @@ const Kernels& kernels() {
 
 }  // namespace
 
+bool env_flag_on(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && v[0] != '\0' && v[0] != '0';
+}
+
 bool avx2_fma_usable() {
-  const char* off = std::getenv("SSIC_DISABLE_AVX2");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  if (env_flag_on("SSIC_DISABLE_AVX2")) return false;
 #ifdef SSIC_AVX2_DISPATCH
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");

@@ -27,6 +27,10 @@ void gemm_indirect_accumulate(int64_t m, int64_t n, int64_t taps, int64_t ch, co
 // Name of the micro-kernel in use ("avx2-fma" or "portable"), for diagnostics and tests.
 const char* gemm_kernel_name();
 
+// Whether environment variable `name` is set to something other than "" or "0" (SSIC_DISABLE_AVX2,
+// SSIC_DISABLE_F16C: the switches that force the portable paths).
+bool env_flag_on(const char* name);
+
 // Whether AVX2 and FMA code may run: the CPU has both and SSIC_DISABLE_AVX2 is unset (or 0). Every
 // AVX2 path of the library asks here (the micro-kernel above, CacheStore's transpose in kernels.cpp).
 bool avx2_fma_usable();

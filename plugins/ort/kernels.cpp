@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -94,8 +93,7 @@ void floats_to_halfs_portable(const float* src, uint16_t* dst, int64_t n) {
 }
 
 bool f16c_usable() {
-  const char* off = std::getenv("SSIC_DISABLE_F16C");
-  if (off != nullptr && off[0] != '\0' && off[0] != '0') return false;
+  if (env_flag_on("SSIC_DISABLE_F16C")) return false;
 #ifdef SSIC_F16C_DISPATCH
   __builtin_cpu_init();
   return __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");

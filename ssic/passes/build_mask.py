@@ -7,6 +7,8 @@ edit without Python in the loop. Each grid has its own tile size and halo.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import onnx
 from onnx import TensorProto
@@ -39,7 +41,7 @@ def build_mask_graph(input_hw: tuple[int, int], grids: list[Grid], *, radius: in
     zero = b.const(np.array(0.0, np.float32))
     cap = b.const(np.array(PYRAMID_THRESHOLD, np.float32))
     eps = b.const(np.array(PYRAMID_EPS, np.float32))
-    for prev, (h, w) in zip(chain, chain[1:]):
+    for prev, (h, w) in itertools.pairwise(chain):
         # 2x2 averaging of the previous level (an odd last row/column is dropped, as the reference does;
         # no Slice where nothing is dropped: it copied the whole level, 0.2 ms at 1024x1024)
         cropped = cur if tuple(prev) == (2 * h, 2 * w) else b.op(
